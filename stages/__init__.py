@@ -1,0 +1,1 @@
+"""qlora-pipeline stages: one module per DVC stage, run as `python -m stages.<name>`."""

@@ -1,0 +1,79 @@
+"""evaluate: score the trained adapter on the test split.
+
+Reads  data/tokenized (test split), models/base, models/adapter, params evaluate.batch_size.
+       The base is loaded with the quantization the adapter was trained under (pipeline.json).
+Writes <metrics-out>/ (DVCLive): metrics.json with accuracy, macro-F1, per-class precision,
+       recall and F1, samples/s; plots/sklearn/confusion_matrix.json; plots/custom/per_class_f1.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dvclive import Live
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from stages.lib.data import load_tokenized
+from stages.lib.io import atomic_dir, run_main
+from stages.lib.model import load_adapter
+from stages.lib.params import load_params
+
+PARAMS = ("evaluate.batch_size",)
+log = logging.getLogger("qlora")
+
+
+def score(labels: Sequence[int], predictions: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1/support."""
+    ids = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=ids, zero_division=0)
+    return {"accuracy": float(accuracy_score(labels, predictions)),
+            "f1_macro": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
+            "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                                 "f1": float(f1[i]), "support": int(support[i])}
+                          for i, name in enumerate(names)}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--data", required=True, help="tokenized dataset directory")
+    parser.add_argument("--base", required=True, help="base model directory")
+    parser.add_argument("--adapter", required=True, help="trained adapter directory")
+    parser.add_argument("--metrics-out", required=True)
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        p = load_params(args.params, PARAMS)
+        data, _ = load_tokenized(Path(args.data))
+        classifier = load_adapter(args.adapter, base_dir=args.base)
+        sequences, labels = data["test"]
+        start = time.perf_counter()
+        predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate").argmax(-1)
+        elapsed = time.perf_counter() - start
+        names = classifier.labels
+        metrics = score(labels, predictions.tolist(), names)
+        metrics.update({"test_samples": len(labels), "samples_per_s": round(len(labels) / elapsed, 2)})
+        with atomic_dir(args.metrics_out) as tmp:
+            live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
+            live.summary = metrics
+            live.log_sklearn_plot("confusion_matrix", [names[i] for i in labels],
+                                  [names[i] for i in predictions], name="confusion_matrix.json")
+            live.log_plot("per_class_f1", [{"class": n, "f1": round(m["f1"], 4)}
+                                           for n, m in metrics["per_class"].items()],
+                          x="f1", y="class", template="bar_horizontal", title="Test F1 per class")
+            live.end()
+        log.info("evaluate: %d test rows, accuracy %.4f, macro-F1 %.4f, %.1f samples/s",
+                 len(labels), metrics["accuracy"], metrics["f1_macro"], metrics["samples_per_s"])
+
+    return run_main(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

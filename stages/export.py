@@ -1,0 +1,139 @@
+"""export: a self-contained bundle that labels new text.
+
+Reads  models/adapter, models/base, metrics/{train,evaluate}/metrics.json, params export.merged.
+Writes <out>/: adapter_model.safetensors (LoRA + the fully trained head), adapter_config.json
+       (base_model_name_or_path = the hub id or path of the base), tokenizer files,
+       pipeline.json (labels, max_length, quantization, base provenance),
+       quantization_config.json (the BitsAndBytesConfig to load the base with) and README.md
+       (model card: params, metrics, how to load). With export.merged, also merged/: the base
+       loaded in fp32 (never 4-bit: merging into 4-bit rounds the update away) with LoRA merged in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
+from stages.lib.model import DTYPES, PIPELINE_FILE, load_base, portable_base_id, quantization_config
+from stages.lib.params import load_params
+
+PARAMS = ("export.merged",)
+log = logging.getLogger("qlora")
+
+
+def model_card(meta: dict[str, Any], base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
+    """A Hugging Face model card: front matter, how to load, params, metrics."""
+    labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta["labels"]))
+    params = {"quant": meta["quant"], "lora": meta["lora"], "train": meta["train"],
+              "tokenize": {"max_length": meta["max_length"], "padding": meta["padding"]}}
+    param_rows = "\n".join(f"| {section}.{k} | {v} |" for section, values in params.items()
+                           for k, v in values.items())
+    per_class = "\n".join(f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+                          for n, m in test["per_class"].items())
+    return f"""---
+library_name: peft
+base_model: {base_id}
+pipeline_tag: text-classification
+tags: [qlora, lora, bitsandbytes, {meta['quant']['type']}, qlora-pipeline]
+---
+# {base_id} + QLoRA text classifier
+
+A LoRA adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']}, on
+{', '.join(meta['lora']['target_modules'])}) and a fully trained classification head
+({', '.join(meta['modules_to_save'])}) for `{base_id}` loaded in {meta['quant']['type']}
+(double quant: {meta['quant']['double_quant']}). Labels: {labels}.
+Base model provenance: `{json.dumps({k: v for k, v in meta['base'].items() if k != 'sha256'})}`.
+
+## Use
+```bash
+python -m stages.predict --model <this directory> "Stocks rally as oil prices fall"
+```
+or, with the hub reachable:
+```python
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer, BitsAndBytesConfig
+import json
+labels = json.load(open("pipeline.json"))["labels"]
+model = AutoPeftModelForSequenceClassification.from_pretrained(
+    ".", num_labels={len(meta['labels'])}, id2label=dict(enumerate(labels)),
+    quantization_config=BitsAndBytesConfig.from_dict(json.load(open("quantization_config.json"))))
+tokenizer = AutoTokenizer.from_pretrained(".")
+```
+
+## Test metrics ({test['test_samples']} rows)
+accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**
+
+| class | precision | recall | F1 | support |
+| --- | --- | --- | --- | --- |
+{per_class}
+
+## Training
+best validation accuracy {train['best_val_accuracy']:.4f} at step {train['best_step']} of
+{train['steps']}; {train['trainable_params']:,} trainable parameters
+({train['trainable_percent']}% of {train['all_params']:,}); {train['samples_per_s']} samples/s on
+{train['device']}; peak memory {train['peak_memory_mb']} MB.
+
+| param | value |
+| --- | --- |
+{param_rows}
+"""
+
+
+def write_merged(adapter_dir: Path, base_dir: Path, meta: dict[str, Any], out: Path) -> None:
+    """Merge LoRA into a full-precision copy of the base and save it as a plain model."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = load_base(base_dir, meta["labels"], {"type": "none"}, meta["modules_to_save"],
+                     torch.device("cpu"), torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--adapter", required=True, help="trained adapter directory")
+    parser.add_argument("--base", required=True, help="base model directory")
+    parser.add_argument("--metrics", required=True, help="metrics directory (train/, evaluate/)")
+    parser.add_argument("--out", required=True, help="export bundle directory")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        p = load_params(args.params, PARAMS)
+        adapter_dir = require_dir(args.adapter, "trained adapter")
+        base_dir = require_dir(args.base, "base model")
+        meta = read_json(adapter_dir / PIPELINE_FILE)
+        train = read_json(Path(args.metrics) / "train" / "metrics.json")
+        test = read_json(Path(args.metrics) / "evaluate" / "metrics.json")
+        base_id = portable_base_id(meta["base"])
+        with atomic_dir(args.out) as tmp:
+            for f in adapter_dir.iterdir():
+                if f.is_file() and f.name != "README.md":
+                    shutil.copyfile(f, tmp / f.name)
+            config = read_json(tmp / "adapter_config.json")
+            config["base_model_name_or_path"] = base_id
+            write_json(tmp / "adapter_config.json", config)
+            bnb = quantization_config(meta["quant"], DTYPES[meta["quant"]["compute_dtype"]],
+                                      meta["modules_to_save"])
+            if bnb is not None:
+                write_json(tmp / "quantization_config.json", bnb.to_dict())
+            (tmp / "README.md").write_text(model_card(meta, base_id, train, test), encoding="utf-8")
+            if p["export.merged"]:
+                write_merged(adapter_dir, base_dir, meta, tmp / "merged")
+        log.info("export: %s (base %s) -> %s", adapter_dir, base_id, args.out)
+
+    return run_main(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

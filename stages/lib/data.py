@@ -1,0 +1,133 @@
+"""Reading and validating labelled text tables, and batching tokenized examples by length."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from stages.lib.params import UserError
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+def find_table(directory: Path, stem: str) -> Path:
+    """The one file `<stem>.csv|.jsonl|.parquet` in a directory."""
+    found = [directory / f"{stem}{s}" for s in TABLE_SUFFIXES if (directory / f"{stem}{s}").is_file()]
+    if len(found) != 1:
+        what = "no" if not found else "more than one"
+        raise UserError(f"{directory}: {what} {stem} file (expected exactly one of "
+                        f"{', '.join(stem + s for s in TABLE_SUFFIXES)})")
+    return found[0]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a CSV, JSON Lines or Parquet file with every column as text, empty cells as ''."""
+    try:
+        if path.suffix == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        elif path.suffix == ".jsonl":
+            df = pd.read_json(path, lines=True, dtype=False).astype(str)
+        elif path.suffix == ".parquet":
+            df = pd.read_parquet(path).astype(str)
+        else:
+            raise UserError(f"{path}: unsupported file type (expected {', '.join(TABLE_SUFFIXES)})")
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: empty file (expected a header row and data rows)") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (pd.errors.ParserError, ValueError, OSError, csv.Error) as e:
+        raise UserError(f"{path}: malformed {path.suffix[1:]} ({str(e).strip().splitlines()[0]})") from None
+    return df
+
+
+def parse_labels(values: Sequence[str], label_names: Sequence[str], path: Path) -> list[int]:
+    """Map label cells to class ids: a class name, or its integer id, is accepted."""
+    by_name = {name: i for i, name in enumerate(label_names)}
+    ids: list[int] = []
+    for row, value in enumerate(values, start=1):
+        value = value.strip()
+        if value in by_name:
+            ids.append(by_name[value])
+        elif value.lstrip("-").isdigit() and 0 <= int(value) < len(label_names):
+            ids.append(int(value))
+        else:
+            raise UserError(f"{path} row {row}: unknown label {value!r} (expected one of "
+                            f"{', '.join(label_names)} or an id 0-{len(label_names) - 1})")
+    return ids
+
+
+def load_labelled(path: Path, text_column: str, label_column: str,
+                  label_names: Sequence[str]) -> pd.DataFrame:
+    """Read a table and return it as validated `text` (non-empty str) and `label` (int) columns."""
+    df = read_table(path)
+    missing = [c for c in (text_column, label_column) if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} "
+                        f"(found {', '.join(map(str, df.columns)) or 'none'})")
+    if df.empty:
+        raise UserError(f"{path}: no data rows")
+    texts = df[text_column].astype(str)
+    empty = texts.str.strip() == ""
+    if empty.any():
+        row = int(empty.to_numpy().nonzero()[0][0]) + 1
+        raise UserError(f"{path} row {row}: empty text in column {text_column!r}")
+    labels = parse_labels(df[label_column].astype(str).tolist(), label_names, path)
+    return pd.DataFrame({"text": texts.tolist(), "label": labels})
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int,
+                           generator: torch.Generator, group_by_length: bool) -> list[list[int]]:
+    """Shuffled batches; with group_by_length, examples of similar length share a batch.
+
+    Shuffle, cut into mega-batches of 64 batches, sort each by length and cut it into batches,
+    then shuffle the batch order: little padding, yet every epoch sees a new order.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        mega = batch_size * 64
+        order = [i for start in range(0, len(order), mega)
+                 for i in sorted(order[start:start + mega], key=lambda j: -lengths[j])]
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of examples sorted by length, longest first: for evaluation, order is free."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, min_width: int = 0,
+              multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Pad token-id lists to the batch's longest, at least `min_width`, rounded up to `multiple_of`.
+
+    min_width = max_length reproduces the reference recipe's fixed-length padding.
+    """
+    width = max(min_width, max(len(s) for s in sequences))
+    width = -(-width // multiple_of) * multiple_of
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, :len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def load_tokenized(directory: Path) -> tuple[dict[str, tuple[list[list[int]], list[int]]], dict]:
+    """The tokenize stage's output: {split: (token id lists, label ids)} and its pipeline.json."""
+    import datasets
+
+    from stages.lib.io import read_json, require_dir
+
+    directory = require_dir(directory, "tokenized dataset")
+    meta = read_json(directory / "pipeline.json")
+    dataset = datasets.load_from_disk(str(directory / "dataset"))
+    return {name: (part["input_ids"], part["label"]) for name, part in dataset.items()}, meta

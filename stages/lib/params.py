@@ -1,0 +1,230 @@
+"""The params.yaml schema, kept in one place, and its loader.
+
+Every section is a frozen dataclass with typed fields and no defaults: defaults live in
+params.yaml, where DVC sees them. `load_params` reports every problem at once (unknown keys,
+missing keys, wrong types, values out of range or outside their choices), one line each, and
+returns only the keys a stage declared, so a stage that reads an undeclared key fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, no traceback."""
+
+
+def rule(**checks: Any) -> Any:
+    """Attach range/choice checks to a schema field: ge, gt, le, lt, choices, nonempty."""
+    return field(metadata=checks)
+
+
+QUANT_TYPES = ("nf4", "fp4", "int8", "none")
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+PADDINGS = ("longest", "max_length")
+
+
+@dataclass(frozen=True)
+class Data:
+    source: str = rule(nonempty=True)  # directory with train/test files, or a datasets hub id
+    text_column: str = rule(nonempty=True)
+    label_column: str = rule(nonempty=True)
+    label_names: list[str] = rule(nonempty=True)
+
+
+@dataclass(frozen=True)
+class Split:
+    val_fraction: float = rule(gt=0, lt=1)
+    seed: int = rule()
+
+
+@dataclass(frozen=True)
+class Model:
+    name_or_path: str = rule(nonempty=True)
+    revision: str = rule(nonempty=True)
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    max_length: int = rule(ge=8, le=8192)
+    padding: str = rule(choices=PADDINGS)
+
+
+@dataclass(frozen=True)
+class Quant:
+    type: str = rule(choices=QUANT_TYPES)
+    double_quant: bool = rule()
+    compute_dtype: str = rule(choices=COMPUTE_DTYPES)
+
+
+@dataclass(frozen=True)
+class Lora:
+    r: int = rule(ge=1)
+    alpha: float = rule(gt=0)
+    dropout: float = rule(ge=0, lt=1)
+    target_modules: list[str] = rule(nonempty=True)
+    modules_to_save: list[str] = rule(nonempty=True)
+
+
+@dataclass(frozen=True)
+class Train:
+    seed: int = rule()
+    epochs: int = rule(ge=1)
+    lr: float = rule(gt=0, lt=1)
+    batch_size: int = rule(ge=1)
+    weight_decay: float = rule(ge=0)
+    warmup_ratio: float = rule(ge=0, lt=1)
+    max_grad_norm: float = rule(ge=0)
+    max_steps: int = rule(ge=0)
+    eval_every_steps: int = rule(ge=0)
+    log_every_steps: int = rule(ge=1)
+    group_by_length: bool = rule()
+    gradient_checkpointing: bool = rule()
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    batch_size: int = rule(ge=1)
+
+
+@dataclass(frozen=True)
+class Export:
+    merged: bool = rule()
+
+
+SCHEMA: dict[str, type] = {
+    "data": Data,
+    "split": Split,
+    "model": Model,
+    "tokenize": Tokenize,
+    "quant": Quant,
+    "lora": Lora,
+    "train": Train,
+    "evaluate": Evaluate,
+    "export": Export,
+}
+
+ALL_KEYS: tuple[str, ...] = tuple(
+    f"{section}.{f.name}" for section, cls in SCHEMA.items() for f in dataclasses.fields(cls)
+)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return tp.__name__
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_check_type(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a valid float (lr: 1 is fine, lr: "1e-3" is not)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+_BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"),
+           ("le", operator.le, "<="), ("lt", operator.lt, "<"))
+
+
+def _check_value(key: str, value: Any, tp: Any, checks: Mapping[str, Any]) -> str | None:
+    """Return a problem description for one key, or None when it is valid."""
+    if not _check_type(value, tp):
+        return f"{key}: expected {_type_name(tp)}, got {value!r}"
+    if checks.get("nonempty") and len(value) == 0:
+        return f"{key}: expected a non-empty {_type_name(tp)}, got {value!r}"
+    if "choices" in checks and value not in checks["choices"]:
+        return f"{key}: expected one of {', '.join(checks['choices'])}, got {value!r}"
+    for name, holds, symbol in _BOUNDS:
+        if name in checks and not holds(value, checks[name]):
+            return f"{key}: expected {_type_name(tp)} {symbol} {checks[name]}, got {value!r}"
+    return None
+
+
+def validate(raw: Any, source: str = "params.yaml") -> dict[str, Any]:
+    """Validate a parsed params mapping against SCHEMA; return {"section.key": value}."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    problems: list[str] = []
+    flat: dict[str, Any] = {}
+    for section in raw:
+        if section not in SCHEMA:
+            problems.append(f"{section}: unknown section (expected one of {', '.join(SCHEMA)})")
+    for section, cls in SCHEMA.items():
+        values = raw.get(section)
+        if not isinstance(values, dict):
+            problems.append(f"{section}: missing section (expected keys "
+                            f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+            continue
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                problems.append(f"{section}.{key}: unknown key (expected one of {', '.join(names)})")
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            if f.name not in values:
+                problems.append(f"{key}: missing (expected {_type_name(hints[f.name])})")
+                continue
+            problem = _check_value(key, values[f.name], hints[f.name], f.metadata)
+            if problem:
+                problems.append(problem)
+            else:
+                flat[key] = values[f.name]
+    if problems:
+        raise UserError("\n".join(f"{source}: {p}" for p in problems))
+    return flat
+
+
+class Params(Mapping[str, Any]):
+    """The validated keys one stage declared, read as params["lora.r"]."""
+
+    def __init__(self, values: Mapping[str, Any], declared: Iterable[str]):
+        self._declared = tuple(declared)
+        self._values = {k: values[k] for k in self._declared}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._values:
+            raise KeyError(f"params key {key!r} is not in this stage's PARAMS {self._declared}")
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The declared keys of one section, without the section prefix."""
+        return {k.split(".", 1)[1]: v for k, v in self._values.items() if k.startswith(name + ".")}
+
+
+def load_params(path: str | Path, declared: Iterable[str]) -> Params:
+    """Read and validate the whole params file; return only the declared keys."""
+    path = Path(path)
+    declared = tuple(declared)
+    unknown = [k for k in declared if k not in ALL_KEYS]
+    if unknown:  # a bug in a stage, not a user mistake
+        raise KeyError(f"stage declares keys outside the schema: {unknown}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: params file not found") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return Params(validate(raw, str(path)), declared)

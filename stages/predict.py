@@ -1,0 +1,98 @@
+"""predict: label new text with an exported (or trained) adapter.
+
+    python -m stages.predict --model models/export --input in.csv --output out.csv
+    python -m stages.predict --model models/export "Stocks rally as oil prices fall" ...
+
+The input CSV needs a `text` column; its other columns are kept, and `label_id`, `label` (the
+class name) and `score` (the class probability) are added. Large files are read and written in
+chunks; the output appears only when complete. Texts given on the command line print one
+`label<TAB>score<TAB>text` line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from stages.lib.io import atomic_file, run_main
+from stages.lib.model import Classifier, load_adapter
+from stages.lib.params import UserError
+
+CHUNK_ROWS = 20_000
+
+
+def predict_texts(classifier: Classifier, texts: Sequence[str], batch_size: int) -> pd.DataFrame:
+    """label_id, label and score columns for `texts`, in order."""
+    logits = classifier.logits(classifier.encode(texts), batch_size)
+    probs = torch.from_numpy(logits).softmax(-1)
+    score, label_id = probs.max(-1)
+    return pd.DataFrame({"label_id": label_id.numpy(),
+                         "label": [classifier.labels[i] for i in label_id.tolist()],
+                         "score": score.numpy().round(6)})
+
+
+def predict_csv(classifier: Classifier, src: Path, dst: Path, batch_size: int) -> int:
+    """Label every row of a CSV file in chunks; returns the number of rows written."""
+    if not src.is_file():
+        raise UserError(f"{src}: input file not found")
+    rows = 0
+    try:
+        chunks = pd.read_csv(src, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS,
+                             encoding="utf-8-sig")
+        with atomic_file(dst, encoding="utf-8", newline="") as out, \
+                tqdm(desc="rows", unit="row", disable=None) as bar:
+            for chunk in chunks:
+                if "text" not in chunk.columns:
+                    raise UserError(f"{src}: no `text` column (found {', '.join(chunk.columns)})")
+                result = predict_texts(classifier, chunk["text"].tolist(), batch_size)
+                labelled = pd.concat([chunk.reset_index(drop=True), result], axis=1)
+                labelled.to_csv(out, index=False, header=rows == 0)
+                rows += len(chunk)
+                bar.update(len(chunk))
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{src}: empty file (expected a header row with a `text` column)") from None
+    except pd.errors.ParserError as e:
+        raise UserError(f"{src}: malformed CSV ({str(e).strip().splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if rows == 0:
+        raise UserError(f"{src}: no data rows")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="exported bundle or adapter directory")
+    parser.add_argument("--input", type=Path, help="CSV with a text column")
+    parser.add_argument("--output", type=Path, help="CSV to write (required with --input)")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    parser.add_argument("texts", nargs="*", help="texts to label, printed one per line")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        if bool(args.input) != bool(args.output):
+            raise UserError("--input and --output go together")
+        if not args.input and not args.texts:
+            raise UserError("nothing to label: give --input/--output or texts")
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size: expected int >= 1, got {args.batch_size}")
+        classifier = load_adapter(args.model)
+        if args.texts:
+            result = predict_texts(classifier, args.texts, args.batch_size)
+            for text, row in zip(args.texts, result.itertuples()):
+                print(f"{row.label}\t{row.score:.4f}\t{text}")
+        if args.input:
+            rows = predict_csv(classifier, args.input, args.output, args.batch_size)
+            print(f"labelled {rows} rows -> {args.output}", file=sys.stderr)
+
+    return run_main(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""tokenize: turn the split text into token ids with the base model's tokenizer.
+
+Reads  data/split/{train,validation,test}.csv and labels.json, models/base (tokenizer),
+       params tokenize.max_length, tokenize.padding.
+Writes <out>/: a `datasets` DatasetDict (input_ids, label; read back with
+       datasets.load_from_disk) and pipeline.json (labels, max_length, padding). Sequences are
+       stored unpadded; `padding: max_length` makes every batch max_length wide, as the reference
+       recipe does, `longest` pads each batch to its longest sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+
+import datasets
+import pandas as pd
+from transformers import AutoTokenizer
+
+from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
+from stages.lib.model import PIPELINE_FILE
+from stages.lib.params import load_params
+
+PARAMS = ("tokenize.max_length", "tokenize.padding")
+SPLITS = ("train", "validation", "test")
+log = logging.getLogger("qlora")
+
+
+def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", required=True)
+    parser.add_argument("--split", required=True, help="split dataset directory")
+    parser.add_argument("--base", required=True, help="base model directory (its tokenizer)")
+    parser.add_argument("--out", required=True, help="tokenized dataset directory")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        p = load_params(args.params, PARAMS)
+        split_dir = require_dir(args.split, "split dataset")
+        tokenizer = AutoTokenizer.from_pretrained(require_dir(args.base, "base model"))
+        parts = {}
+        for name in SPLITS:
+            df = pd.read_csv(split_dir / f"{name}.csv", dtype={"text": str, "label": int},
+                             keep_default_na=False)
+            ids = tokenize_texts(tokenizer, df["text"].tolist(), p["tokenize.max_length"])
+            parts[name] = datasets.Dataset.from_dict({"input_ids": ids, "label": df["label"].tolist()})
+            lengths = [len(x) for x in ids]
+            log.info("tokenize %s: %d rows, %d tokens, mean %.1f, max %d, %d truncated at %d",
+                     name, len(ids), sum(lengths), statistics.fmean(lengths), max(lengths),
+                     sum(n == p["tokenize.max_length"] for n in lengths), p["tokenize.max_length"])
+        datasets.disable_progress_bars()
+        with atomic_dir(args.out) as tmp:
+            datasets.DatasetDict(parts).save_to_disk(str(tmp / "dataset"))
+            write_json(tmp / PIPELINE_FILE, {"labels": read_json(split_dir / "labels.json"),
+                                             "max_length": p["tokenize.max_length"],
+                                             "padding": p["tokenize.padding"]})
+
+    return run_main(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
