@@ -50,19 +50,21 @@ def predict_csv(classifier: Classifier, src: Path, dst: Path, batch_size: int) -
             for chunk in chunks:
                 if "text" not in chunk.columns:
                     raise UserError(f"{src}: no `text` column (found {', '.join(chunk.columns)})")
+                if chunk.empty:
+                    continue
                 result = predict_texts(classifier, chunk["text"].tolist(), batch_size)
                 labelled = pd.concat([chunk.reset_index(drop=True), result], axis=1)
                 labelled.to_csv(out, index=False, header=rows == 0)
                 rows += len(chunk)
                 bar.update(len(chunk))
+            if rows == 0:  # inside the block, so no output file is left behind
+                raise UserError(f"{src}: no data rows")
     except pd.errors.EmptyDataError:
         raise UserError(f"{src}: empty file (expected a header row with a `text` column)") from None
     except pd.errors.ParserError as e:
         raise UserError(f"{src}: malformed CSV ({str(e).strip().splitlines()[0]})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    if rows == 0:
-        raise UserError(f"{src}: no data rows")
     return rows
 
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("nothing to label: give --input/--output or texts")
         if args.batch_size < 1:
             raise UserError(f"--batch-size: expected int >= 1, got {args.batch_size}")
+        if args.input and not args.input.is_file():  # before the slow model load
+            raise UserError(f"{args.input}: input file not found")
         classifier = load_adapter(args.model)
         if args.texts:
             result = predict_texts(classifier, args.texts, args.batch_size)

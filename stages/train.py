@@ -22,22 +22,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from dvclive import Live
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
-from stages.lib.data import length_grouped_batches, load_tokenized, pad_batch
+from stages.lib.data import PackedTokens, length_grouped_batches, load_tokenized
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.model import (PIPELINE_FILE, attach_lora, autocast, compute_setup, load_base,
-                              predict_logits, prepare_for_training,
-                              restore_training_layout)
+                              pad_multiple, predict_logits, prepare_for_training)
 from stages.lib.params import load_params
 
-PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype",
+PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
           "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.modules_to_save",
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
-          "train.log_every_steps", "train.group_by_length", "train.gradient_checkpointing")
+          "train.log_every_steps", "train.group_by_length", "train.gradient_checkpointing",
+          "train.compile")
 log = logging.getLogger("qlora")
 
 
@@ -53,22 +52,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def validate(model, sequences, labels, pad_id, min_width, batch_size, device, dtype) -> dict[str, float]:
+def validate(model, tokens: PackedTokens, labels: list[int], batch_size: int,
+             device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Validation loss and accuracy; leaves the model in train mode."""
     model.eval()
-    logits = torch.from_numpy(predict_logits(model, sequences, pad_id, batch_size, min_width,
-                                             device, dtype, desc="validate"))
+    logits = torch.from_numpy(predict_logits(model, tokens, 0, batch_size, 0, device, dtype,
+                                             desc="validate"))
     model.train()
-    if device.type == "cpu":
-        restore_training_layout(model)
     target = torch.tensor(labels)
     return {"loss": torch.nn.functional.cross_entropy(logits, target).item(),
             "accuracy": (logits.argmax(-1) == target).float().mean().item()}
 
 
-def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], live: Live,
+def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], live: Any,
           device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The training loop; returns summary metrics. The best weights are loaded into `model`."""
+    """The training loop; returns summary metrics. The best weights are loaded into `model`.
+
+    `live` is a dvclive.Live, or anything with a `step` attribute and `log_metric(name, value)`.
+    """
     (train_x, train_y), (val_x, val_y) = data["train"], data["validation"]
     steps_per_epoch = math.ceil(len(train_x) / cfg["batch_size"])
     total_steps = cfg["epochs"] * steps_per_epoch
@@ -78,20 +79,27 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
              len(train_x), cfg["batch_size"], steps_per_epoch, total_steps,
              int(cfg["warmup_ratio"] * total_steps))
 
+    # torch.compile fuses the many small element-wise kernels around each matmul (GPU).
+    forward = torch.compile(model) if cfg["compile"] else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                   fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps),
                                                 total_steps)
     generator = torch.Generator().manual_seed(cfg["seed"])
-    lengths = [len(x) for x in train_x]
-    multiple_of = 8 if device.type == "cuda" else 1
+    train_tokens = PackedTokens(train_x, pad_id, device, min_width, pad_multiple(device), train_y)
+    val_tokens = PackedTokens(val_x, pad_id, device, min_width, pad_multiple(device))
     eval_batch = cfg["batch_size"] * 4
     best: dict[str, Any] = {"accuracy": -1.0}
-    step, seen, train_time, window = 0, 0, 0.0, []
+    step, seen, window, eval_time = 0, 0, [], 0.0
 
     def evaluate_now() -> None:
-        scores = validate(model, val_x, val_y, pad_id, min_width, eval_batch, device, dtype)
+        nonlocal eval_time
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # queued training steps belong to training time
+        start = time.perf_counter()
+        scores = validate(model, val_tokens, val_y, eval_batch, device, dtype)
+        eval_time += time.perf_counter() - start  # validate() syncs: it ends with a copy to the host
         live.step = step
         for name, value in scores.items():
             live.log_metric(f"val/{name}", value)
@@ -101,18 +109,16 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
                         state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
     model.train()
+    start = time.perf_counter()
     for epoch in range(cfg["epochs"]):
-        batches = length_grouped_batches(lengths, cfg["batch_size"], generator, cfg["group_by_length"])
+        batches = length_grouped_batches(train_tokens.lengths, cfg["batch_size"], generator,
+                                         cfg["group_by_length"])
         bar = tqdm(batches[:total_steps - step], desc=f"epoch {epoch + 1}/{cfg['epochs']}",
                    unit="step", disable=None)
         epoch_losses = []
         for batch in bar:
-            start = time.perf_counter()
-            enc = pad_batch([train_x[i] for i in batch], pad_id, min_width, multiple_of)
-            enc = {k: v.to(device, non_blocking=True) for k, v in enc.items()}
-            target = torch.tensor([train_y[i] for i in batch], device=device)
             with autocast(device, dtype):
-                loss = model(**enc, labels=target).loss
+                loss = forward(**train_tokens.batch(batch)).loss
             loss.backward()
             if cfg["max_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
@@ -130,7 +136,6 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
                 live.log_metric("train/loss", mean_loss)
                 live.log_metric("train/lr", scheduler.get_last_lr()[0])
                 bar.set_description(f"epoch {epoch + 1}/{cfg['epochs']} loss {mean_loss:.3f}")
-            train_time += time.perf_counter() - start
             if cfg["eval_every_steps"] and step % cfg["eval_every_steps"] == 0 and step < total_steps:
                 evaluate_now()
         log.info("epoch %d/%d: %d steps, mean train loss %.4f", epoch + 1, cfg["epochs"], step,
@@ -138,6 +143,7 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
         evaluate_now()
         if step >= total_steps:
             break
+    train_time = time.perf_counter() - start - eval_time
 
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(cfg["seed"])
         device, dtype = compute_setup(quant["compute_dtype"])
         model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype)
-        model = prepare_for_training(model, quant["type"] != "none", cfg["gradient_checkpointing"])
+        model = prepare_for_training(model, cfg["gradient_checkpointing"], quant["cache_dequantized"])
         model = attach_lora(model, lora)
         n_trainable, n_all = model.get_nb_trainable_parameters()
         log.info("model %s, quant %s, device %s, compute %s: %d trainable of %d parameters (%.3f%%)",
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                  100 * n_trainable / n_all)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         min_width = meta["max_length"] if meta["padding"] == "max_length" else 0
+        from dvclive import Live  # here, so the loop above imports where DVCLive is absent (GPU benchmark)
+
         with atomic_dir(args.metrics_out) as metrics_tmp:
             live = Live(str(metrics_tmp), dvcyaml=False, save_dvc_exp=False)
             summary = train(model, data, tokenizer.pad_token_id, min_width, cfg, live, device, dtype)

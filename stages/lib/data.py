@@ -30,9 +30,9 @@ def read_table(path: Path) -> pd.DataFrame:
         if path.suffix == ".csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
         elif path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True, dtype=False).astype(str)
+            df = pd.read_json(path, lines=True, dtype=False).fillna("").astype(str)
         elif path.suffix == ".parquet":
-            df = pd.read_parquet(path).astype(str)
+            df = pd.read_parquet(path).fillna("").astype(str)
         else:
             raise UserError(f"{path}: unsupported file type (expected {', '.join(TABLE_SUFFIXES)})")
     except FileNotFoundError:
@@ -54,7 +54,7 @@ def parse_labels(values: Sequence[str], label_names: Sequence[str], path: Path) 
         value = value.strip()
         if value in by_name:
             ids.append(by_name[value])
-        elif value.lstrip("-").isdigit() and 0 <= int(value) < len(label_names):
+        elif value.isascii() and value.isdigit() and int(value) < len(label_names):
             ids.append(int(value))
         else:
             raise UserError(f"{path} row {row}: unknown label {value!r} (expected one of "
@@ -105,20 +105,38 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, min_width: int = 0,
-              multiple_of: int = 1) -> dict[str, torch.Tensor]:
-    """Pad token-id lists to the batch's longest, at least `min_width`, rounded up to `multiple_of`.
+class PackedTokens:
+    """A split's token ids as one padded tensor on the device: a batch is one gather, not a
+    Python loop and a host-to-device copy per step."""
 
-    min_width = max_length reproduces the reference recipe's fixed-length padding.
-    """
-    width = max(min_width, max(len(s) for s in sequences))
-    width = -(-width // multiple_of) * multiple_of
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        attention_mask[row, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def __init__(self, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                 min_width: int = 0, multiple_of: int = 1, labels: Sequence[int] | None = None):
+        self.lengths = [len(s) for s in sequences]
+        self.min_width, self.multiple_of = min_width, multiple_of
+        width = -(-max([min_width, *self.lengths]) // multiple_of) * multiple_of
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        self.ids = ids.to(device)
+        self.device_lengths = torch.tensor(self.lengths, device=device)
+        self.labels = None if labels is None else torch.tensor(labels, device=device)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask (and labels, if given) for `indices`, padded to the batch's
+        longest sequence (at least min_width), rounded up to multiple_of."""
+        width = max(self.min_width, max(self.lengths[i] for i in indices))
+        width = -(-width // self.multiple_of) * self.multiple_of
+        index = torch.tensor(indices, device="cpu").to(self.ids.device, non_blocking=True)
+        input_ids = self.ids[index, :width]
+        positions = torch.arange(width, device=self.ids.device)
+        attention_mask = (positions < self.device_lengths[index, None]).long()
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index]
+        return batch
 
 
 def load_tokenized(directory: Path) -> tuple[dict[str, tuple[list[list[int]], list[int]]], dict]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.lib.data import pad_batch, sorted_batches
+from stages.lib.data import PackedTokens, sorted_batches
 from stages.lib.io import read_json, sha256_file
 from stages.lib.params import UserError
 
@@ -137,6 +137,11 @@ def compute_setup(requested: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+def pad_multiple(device: torch.device) -> int:
+    """Pad batches to a multiple of this on GPUs: tensor-core friendly shapes, little waste."""
+    return 8 if device.type == "cuda" else 1
+
+
 def quantization_config(quant: dict[str, Any], compute_dtype: torch.dtype,
                         skip_modules: Sequence[str]):
     """A BitsAndBytesConfig for quant.type, or None for `none`; the head is never quantized."""
@@ -153,8 +158,13 @@ def quantization_config(quant: dict[str, Any], compute_dtype: torch.dtype,
 
 
 def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
-              skip_modules: Sequence[str], device: torch.device, compute_dtype: torch.dtype):
-    """The base model with a fresh classification head, quantized per `quant`."""
+              skip_modules: Sequence[str], device: torch.device, compute_dtype: torch.dtype,
+              attn_implementation: str = "sdpa"):
+    """The base model with a fresh classification head, quantized per `quant`.
+
+    Weights that stay unquantized (embeddings, LayerNorms, head) load in `compute_dtype`: fp32
+    on a CPU, bf16/fp16 on a GPU, where fp32 copies would mean a cast around every layer.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -165,16 +175,34 @@ def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
         model = AutoModelForSequenceClassification.from_pretrained(
             base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)}, quantization_config=bnb,
-            dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+            dtype=compute_dtype, use_safetensors=True, trust_remote_code=False,
+            ignore_mismatched_sizes=True,  # a base that has a head of another size gets a new one
             device_map={"": device.index or 0} if device.type == "cuda" else None,
-            attn_implementation="sdpa")
+            attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise UserError(f"{base_dir}: cannot load the base model ({str(e).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if bnb is None:
         model.to(device)
+    else:
+        keep_cpu_layout(model)
     return model
+
+
+def keep_cpu_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    In eval mode on an AVX512-bf16 CPU, bitsandbytes (0.50) repacks the weights, rounding their
+    scales to bf16, and its inverse does not restore them; a model validated mid-training would
+    then train on, and be saved for, slightly different base weights than it is later loaded
+    with. Keeping one layout makes validation, evaluate and predict compute the same function.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -201,7 +229,9 @@ def attach_lora(model: torch.nn.Module, lora: dict[str, Any]):
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora["r"], lora_alpha=lora["alpha"],
                         lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]),
                         modules_to_save=list(lora["modules_to_save"]))
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    upcast_trainable(model)
+    return model
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -211,16 +241,21 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return nullcontext()
 
 
-def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_checkpointing: bool):
-    """Freeze the base and set up gradient checkpointing; k-bit models get PEFT's preparation."""
-    from peft import prepare_model_for_kbit_training
+def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool,
+                         cache_dequantized: bool = False) -> torch.nn.Module:
+    """Freeze the base and set up gradient checkpointing.
 
-    if quantized:
-        # Also casts the non-quantized weights (embeddings, LayerNorms, head) to fp32: they
-        # were loaded in fp32 already, and fp32 keeps the head's updates exact.
-        return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+    `cache_dequantized` replaces each frozen 4-bit layer by a plain layer holding its weights
+    dequantized once, in the compute dtype. bitsandbytes dequantizes the same weights to the same
+    dtype on every forward and backward call, so the numbers are identical; the cost is 2 bytes
+    per base parameter of memory (bf16), the gain a graph torch.compile can fuse end to end.
+
+    Deliberately not peft's prepare_model_for_kbit_training: it casts every unquantized weight
+    to fp32, which on a GPU puts a dtype cast around every layer (peft #3265). The weights that
+    train (LoRA, head) are made fp32 by `upcast_trainable` instead.
+    """
+    if cache_dequantized and getattr(model, "hf_quantizer", None) is not None:
+        model = model.dequantize()
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
@@ -229,44 +264,31 @@ def prepare_for_training(model: torch.nn.Module, quantized: bool, gradient_check
     return model
 
 
-def restore_training_layout(model: torch.nn.Module) -> None:
-    """Undo bitsandbytes' CPU inference repacking before training resumes.
-
-    In eval mode on an AVX512-bf16 CPU, bitsandbytes (0.50) repacks 4-bit weights into a faster
-    inference layout and does not undo it when the module goes back to train mode; the next
-    training forward then fails in its in-place bias add. Call this after validating mid-training.
-    """
-    from bitsandbytes.nn import Linear4bit
-    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if isinstance(module, Linear4bit) and getattr(state, "packing_format_for_cpu", False):
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Keep trainable weights (LoRA, the head) in fp32 so small updates are not rounded away;
+    autocast still runs their matmuls in the compute dtype."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
-                   batch_size: int, min_width: int, device: torch.device, dtype: torch.dtype,
-                   desc: str = "predict") -> np.ndarray:
+def predict_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]] | PackedTokens,
+                   pad_id: int, batch_size: int, min_width: int, device: torch.device,
+                   dtype: torch.dtype, desc: str = "predict") -> np.ndarray:
     """Logits in input order; batches run longest-first to waste little on padding."""
-    out: np.ndarray | None = None
-    batches = sorted_batches([len(s) for s in sequences], batch_size)
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
-        enc = pad_batch([sequences[i] for i in batch], pad_id, min_width,
-                        multiple_of=8 if device.type == "cuda" else 1)
+    if not isinstance(sequences, PackedTokens):
+        if len(sequences) == 0:
+            raise UserError("nothing to predict: no input texts")
+        sequences = PackedTokens(sequences, pad_id, device, min_width, pad_multiple(device))
+    out = torch.empty((len(sequences), model.config.num_labels), dtype=torch.float32, device=device)
+    for batch in tqdm(sorted_batches(sequences.lengths, batch_size), desc=desc, unit="batch",
+                      disable=None, leave=False):
         with autocast(device, dtype):
-            logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
-        if out is None:
-            out = np.empty((len(sequences), logits.shape[-1]), dtype=np.float32)
-        out[batch] = logits.float().cpu().numpy()
-    if out is None:
-        raise UserError("nothing to predict: no input texts")
-    return out
+            logits = model(**sequences.batch(batch)).logits
+        out[torch.tensor(batch, device=device)] = logits.float()
+    return out.cpu().numpy()  # one copy back, one sync, at the end
 
-
-# --- trained adapters ---------------------------------------------------------------------
 
 @dataclass
 class Classifier:
@@ -293,11 +315,14 @@ class Classifier:
                               min_width, self.device, self.dtype, desc)
 
 
-def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None) -> Classifier:
+def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
+                 merged: bool = False, compile: bool = False) -> Classifier:
     """Rebuild the trained classifier from an adapter directory.
 
     The base comes from `base_dir` when given (the pipeline's models/base), else from where
-    pipeline.json says it came from (package, local directory or hub id).
+    pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
+    the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
+    plain matmuls in the compute dtype, much faster for inference. `compile` adds torch.compile.
     """
     from peft import PeftModel
     from safetensors import SafetensorError
@@ -316,10 +341,16 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None) ->
     device, dtype = compute_setup(meta["quant"]["compute_dtype"])
     model = load_base(Path(base_dir), meta["labels"], meta["quant"], meta["modules_to_save"],
                       device, dtype)
+    if merged and meta["quant"]["type"] != "none":
+        model = model.dequantize()  # exactly the 4-bit weights' values, now plain Linear layers
     try:
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise UserError(f"{adapter_dir}/adapter_model.safetensors: corrupt or does not match the "
                         f"base model ({str(e).splitlines()[0][:200]})") from None
+    if merged:
+        model = model.merge_and_unload().to(device=device, dtype=dtype)
     model.eval()
+    if compile:
+        model = torch.compile(model)
     return Classifier(model, AutoTokenizer.from_pretrained(adapter_dir), meta, device, dtype)

@@ -64,6 +64,7 @@ class Quant:
     type: str = rule(choices=QUANT_TYPES)
     double_quant: bool = rule()
     compute_dtype: str = rule(choices=COMPUTE_DTYPES)
+    cache_dequantized: bool = rule()
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class Train:
     log_every_steps: int = rule(ge=1)
     group_by_length: bool = rule()
     gradient_checkpointing: bool = rule()
+    compile: bool = rule()
 
 
 @dataclass(frozen=True)
