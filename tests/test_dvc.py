@@ -1,0 +1,188 @@
+"""End to end under DVC: `dvc repro` in a temporary git+DVC copy of the project, then invalidation.
+
+The slowest module (every stage is a `python -m stages.<name>` subprocess that imports torch):
+one module-scoped repository, reproduced once, then edited one params key at a time. Each edit
+continues from the state the previous one left, and asserts exactly which stages `dvc repro` ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpers import ROOT, STAGES, read_yaml, set_key, write_yaml
+
+VENV_BIN = Path(sys.executable).parent
+DVC = shutil.which("dvc", path=str(VENV_BIN)) or shutil.which("dvc")
+RAN = re.compile(r"Running stage '([^']+)'")
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # stages run with this python
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(tmp / "home"),  # no user git/dvc config leaks in
+    })
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def _declared_outs() -> list[str]:
+    stages = read_yaml(ROOT / "dvc.yaml")["stages"]
+    outs = []
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            outs.append(next(iter(out)) if isinstance(out, dict) else out)
+    return outs
+
+
+def _project_files() -> list[str]:
+    """Files a fresh clone would have: tracked or untracked-not-ignored, minus outs and dvc.lock."""
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], check=True, capture_output=True).stdout
+    outs = _declared_outs()
+    files = []
+    for name in sorted(set(listed.decode().split("\0")) - {""}):
+        if name == "dvc.lock" or name.startswith("tests/") or not (ROOT / name).is_file():
+            continue
+        if any(name == out or name.startswith(out.rstrip("/") + "/") for out in outs):
+            continue
+        files.append(name)
+    return files
+
+
+class Repo:
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root, self.env = root, env
+
+    def run(self, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(args)} exited with {proc.returncode}\n"
+                        f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        return proc
+
+    def repro(self) -> tuple[set[str], set[str]]:
+        """Run `dvc repro`; return (stages that ran, stages that were skipped)."""
+        proc = self.run(DVC, "repro")
+        out = proc.stdout + proc.stderr
+        ran, skipped = set(RAN.findall(out)), set(SKIPPED.findall(out))
+        assert ran | skipped == set(STAGES), f"unexpected dvc repro output:\n{out}"
+        return ran, skipped
+
+    def status(self) -> Any:
+        return json.loads(self.run(DVC, "status", "--json").stdout)
+
+    def edit(self, key: str, value: Any) -> Any:
+        """Set one params key in place; return its old value."""
+        params = read_yaml(self.root / "params.yaml")
+        section, name = key.split(".", 1)
+        old = params[section][name]
+        set_key(params, key, value)
+        write_yaml(self.root / "params.yaml", params)
+        return old
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_params: dict[str, Any],
+         tiny_data_dir: Path) -> Repo:
+    """A git+DVC copy of the project with tiny data and params, after one `dvc repro`."""
+    assert DVC, "dvc not found next to the test interpreter"
+    tmp = tmp_path_factory.mktemp("dvc")
+    root = tmp / "repo"
+    for name in _project_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, root / name)
+    data_source = read_yaml(ROOT / "params.yaml")["data"]["source"]  # a dep of download
+    for name in ("train.csv", "test.csv"):
+        shutil.copyfile(tiny_data_dir / name, root / data_source / name)
+    params = json.loads(json.dumps(tiny_params))
+    params["data"]["source"] = data_source
+    write_yaml(root / "params.yaml", params)
+    (tmp / "home").mkdir()
+    repo = Repo(root, _env(tmp))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
+           "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
+    repo.run(*git, "init", "-q")
+    repo.run(*git, "add", "-A")
+    repo.run(*git, "commit", "-q", "-m", "tiny copy")
+    ran, _ = repo.repro()
+    assert ran == set(STAGES)
+    return repo
+
+
+def test_repro_runs_every_stage_and_leaves_nothing_to_do(repo: Repo) -> None:
+    assert repo.status() == {}
+    for path in ("data/raw/SOURCE.json", "data/split/train.csv", "data/tokenized/pipeline.json",
+                 "models/base/model.safetensors", "models/adapter/adapter_model.safetensors",
+                 "models/export/README.md", "metrics/train/metrics.json",
+                 "metrics/evaluate/metrics.json", "dvc.lock"):
+        assert (repo.root / path).is_file(), path
+    # the stages ran this copy's code, with tiny params
+    lock = yaml.safe_load((repo.root / "dvc.lock").read_text())
+    assert lock["stages"]["tokenize"]["params"]["params.yaml"]["tokenize.max_length"] == 16
+
+
+def test_metrics_show_reports_test_accuracy(repo: Repo) -> None:
+    shown = json.loads(repo.run(DVC, "metrics", "show", "--json").stdout)
+    files = next(iter(shown.values()))["data"]
+    evaluate = files["metrics/evaluate/metrics.json"]["data"]
+    assert 0.0 <= evaluate["accuracy"] <= 1.0
+    assert 0.0 <= evaluate["f1_macro"] <= 1.0
+    assert "best_val_accuracy" in files["metrics/train/metrics.json"]["data"]
+
+
+DOWNSTREAM_OF_TRAIN = {"train", "evaluate", "export"}
+
+# (key, new value, stages that must run). Each case starts from the state the last one left.
+CASES = [
+    ("lora.r", 8, DOWNSTREAM_OF_TRAIN),
+    ("quant.type", "fp4", DOWNSTREAM_OF_TRAIN),
+    ("tokenize.max_length", 20, {"tokenize"} | DOWNSTREAM_OF_TRAIN),
+    ("split.seed", 7, {"split", "tokenize"} | DOWNSTREAM_OF_TRAIN),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_params_edit_reruns_exactly_the_stages_that_read_it(repo: Repo, key: str, value: Any,
+                                                            expected: set[str]) -> None:
+    old = repo.edit(key, value)
+    assert old != value
+    ran, skipped = repo.repro()
+    assert ran == expected, f"{key}: ran {sorted(ran)}, expected {sorted(expected)}"
+    assert skipped == set(STAGES) - expected
+    assert repo.status() == {}
+
+
+def test_evaluate_only_key_reruns_evaluate_alone(repo: Repo) -> None:
+    """evaluate.batch_size is read by evaluate only; export reruns only if its inputs changed."""
+    metrics = repo.root / "metrics" / "evaluate" / "metrics.json"
+    before = metrics.read_bytes()
+    old = repo.edit("evaluate.batch_size", 5)
+    assert old != 5
+    ran, _ = repo.repro()
+    # export depends on metrics/evaluate/metrics.json, which holds samples_per_s (a timing).
+    expected = {"evaluate"} | ({"export"} if metrics.read_bytes() != before else set())
+    assert ran == expected
+    after = json.loads(metrics.read_text())
+    assert {k: v for k, v in after.items() if k != "samples_per_s"} == \
+        {k: v for k, v in json.loads(before).items() if k != "samples_per_s"}, \
+        "evaluate.batch_size changed the test metrics"
+    assert repo.status() == {}

@@ -1,0 +1,260 @@
+"""User mistakes: exit status 1, one `error:` line naming the file/key, value and what was
+expected, and no output left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from helpers import ROOT, Pipeline, error_message, leftovers, run_stage
+from stages.lib.model import load_adapter
+from stages.lib.params import UserError
+
+LABEL_CHOICES = "World, Sports, Business, Sci/Tech or an id 0-3"
+
+
+def assert_nothing_written(*outs: Path) -> None:
+    for out in outs:
+        assert not out.exists(), f"{out} was written"
+        assert leftovers(out.parent) == [], f"temporaries left in {out.parent}"
+
+
+# --- split: bad tables ----------------------------------------------------------------------
+
+@pytest.fixture
+def raw_dir(tmp_path: Path, tiny_data_dir: Path) -> Path:
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train.csv", "test.csv"):
+        shutil.copyfile(tiny_data_dir / name, raw / name)
+    return raw
+
+
+def run_split(tmp_path: Path, raw: Path, write_params, overrides=None) -> int:
+    params = write_params(tmp_path / "params.yaml", overrides)
+    return run_stage("split", ["--params", str(params), "--raw", str(raw),
+                               "--out", str(tmp_path / "data" / "split")])
+
+
+def edit_csv(path: Path, edit) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(df)
+    df.to_csv(path, index=False)
+
+
+def _cell(column: str, row: int, value: str):
+    """Set a cell; `row` is 1-based over data rows, as the stage reports it."""
+    return lambda df: df.__setitem__(column, df[column].where(df.index != row - 1, value))
+
+
+SPLIT_ERRORS = [
+    ("missing-column", "train.csv", lambda df: df.rename(columns={"label": "topic"}, inplace=True),
+     "{path}: missing column(s) label (found text, topic)"),
+    ("empty-text", "train.csv", _cell("text", 5, ""),
+     "{path} row 5: empty text in column 'text'"),
+    ("blank-text", "test.csv", _cell("text", 3, "   "),
+     "{path} row 3: empty text in column 'text'"),
+    ("unknown-label", "train.csv", _cell("label", 7, "Sprots"),
+     "{path} row 7: unknown label 'Sprots' (expected one of " + LABEL_CHOICES + ")"),
+    ("label-id-out-of-range", "test.csv", _cell("label", 2, "4"),
+     "{path} row 2: unknown label '4' (expected one of " + LABEL_CHOICES + ")"),
+]
+
+
+@pytest.mark.parametrize(("table", "edit", "expected"), [c[1:] for c in SPLIT_ERRORS],
+                         ids=[c[0] for c in SPLIT_ERRORS])
+def test_split_rejects_bad_table(tmp_path: Path, raw_dir: Path, write_params, capsys,
+                                 table: str, edit, expected: str) -> None:
+    edit_csv(raw_dir / table, edit)
+    assert run_split(tmp_path, raw_dir, write_params) == 1
+    assert error_message(capsys.readouterr().err) == expected.format(path=raw_dir / table)
+    assert_nothing_written(tmp_path / "data" / "split")
+
+
+def test_split_accepts_label_names_and_ids(tmp_path: Path, raw_dir: Path, write_params) -> None:
+    edit_csv(raw_dir / "train.csv", lambda df: df.__setitem__(
+        "label", [["World", "Sports", "Business", "Sci/Tech"][int(v)] if i % 2 else v
+                  for i, v in enumerate(df["label"])]))
+    assert run_split(tmp_path, raw_dir, write_params) == 0
+    split = pd.concat(pd.read_csv(tmp_path / "data" / "split" / f"{n}.csv") for n in ("train", "validation"))
+    assert sorted(split["label"].value_counts().tolist()) == [15, 15, 15, 15]
+
+
+def test_split_rejects_too_small_validation_share(tmp_path: Path, raw_dir: Path, write_params,
+                                                  capsys) -> None:
+    assert run_split(tmp_path, raw_dir, write_params, {"split.val_fraction": 0.05}) == 1
+    assert error_message(capsys.readouterr().err) == (
+        "split.val_fraction: 0.05 of 60 rows cannot hold every one of 4 labels in both splits "
+        "(label counts: {0: 15, 1: 15, 2: 15, 3: 15})")
+    assert_nothing_written(tmp_path / "data" / "split")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_split_rejects_null_text(tmp_path: Path, raw_dir: Path, write_params, capsys,
+                                 suffix: str) -> None:
+    """A null text must be an error, as an empty CSV cell is.
+
+    Regression (stages/lib/data.py read_table, as committed): JSON Lines and Parquet nulls
+    survived `.astype(str)` as missing values (pandas 3), passed the `str.strip() == ""` check
+    and were written to data/split as empty cells: a silently empty training example.
+    """
+    df = pd.read_csv(raw_dir / "train.csv", dtype=str, keep_default_na=False)
+    (raw_dir / "train.csv").unlink()
+    df = pd.DataFrame({"text": [None if i == 3 else t for i, t in enumerate(df["text"])],
+                       "label": df["label"].astype(int)})
+    path = raw_dir / f"train{suffix}"
+    if suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path)
+    assert run_split(tmp_path, raw_dir, write_params) == 1, "a null text was accepted"
+    assert error_message(capsys.readouterr().err) == f"{path} row 4: empty text in column 'text'"
+    assert_nothing_written(tmp_path / "data" / "split")
+
+
+def test_split_rejects_two_train_files(tmp_path: Path, raw_dir: Path, write_params, capsys) -> None:
+    shutil.copyfile(raw_dir / "train.csv", raw_dir / "train.jsonl")
+    assert run_split(tmp_path, raw_dir, write_params) == 1
+    assert error_message(capsys.readouterr().err) == (
+        f"{raw_dir}: more than one train file (expected exactly one of train.csv, train.jsonl, "
+        "train.parquet)")
+
+
+# --- missing inputs -------------------------------------------------------------------------
+
+MISSING_INPUT = {
+    "split": ("raw", "raw dataset"),
+    "tokenize": ("split", "split dataset"),
+    "train": ("base", "base model"),
+    "evaluate": ("tokenized", "tokenized dataset"),
+    "export": ("adapter", "trained adapter"),
+}
+
+
+@pytest.mark.parametrize("stage", list(MISSING_INPUT))
+def test_stage_without_its_input_exits_1(stage: str, tmp_path: Path, write_params, capsys) -> None:
+    run = Pipeline(tmp_path)
+    write_params(run.params)
+    attr, what = MISSING_INPUT[stage]
+    assert run_stage(stage, run.argv(stage)) == 1
+    assert error_message(capsys.readouterr().err) == (
+        f"{getattr(run, attr)}: {what} not found (expected a directory; run `dvc repro`)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# --- download: model sources ----------------------------------------------------------------
+
+def test_download_uncached_hub_model_offline(tmp_path: Path, write_params) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE and HF_HOME at import time: run in a subprocess."""
+    repo_id = "qlora-pipeline-tests/not-a-cached-model"
+    run = Pipeline(tmp_path / "work")
+    run.root.mkdir()
+    write_params(run.params, {"model.name_or_path": repo_id})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "PYTHONPATH": str(ROOT)}
+    (tmp_path / "hf-home").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "stages.download", *run.argv("download")],
+                          cwd=run.root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert error_message(proc.stderr) == (
+        f"model.name_or_path: {repo_id!r} is not in the local Hugging Face cache and the hub "
+        "cannot be reached. Download it where the hub is reachable, or set "
+        "model.name_or_path to a local directory with config.json, *.safetensors and "
+        "tokenizer files (dvc exp run -S model.name_or_path=/path/to/model)")
+    assert "Traceback" not in proc.stderr
+    assert_nothing_written(run.raw, run.base)
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    (("config.json", "pytorch_model.bin"),
+     "model.name_or_path: {model}: only pickle weights (pytorch_model.bin); refusing to load "
+     "them. Convert the model to safetensors first"),
+    (("config.json",), "model.name_or_path: {model}: no *.safetensors weights in {model}"),
+    (("model.safetensors",),
+     "model.name_or_path: {model} has no config.json (expected a model directory with "
+     "config.json, *.safetensors and tokenizer files)"),
+], ids=["pickle-only", "no-weights", "no-config"])
+def test_download_refuses_unsafe_or_incomplete_model_dir(tmp_path: Path, write_params, capsys,
+                                                         tiny_model_dir: Path, files, expected) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in files:
+        src = tiny_model_dir / ("model.safetensors" if name.endswith(".bin") else name)
+        shutil.copyfile(src, model / name)  # the .bin is never unpickled: any bytes do
+    run = Pipeline(tmp_path / "work")
+    run.root.mkdir()
+    write_params(run.params, {"model.name_or_path": str(model)})
+    assert run_stage("download", run.argv("download")) == 1
+    assert error_message(capsys.readouterr().err) == expected.format(model=model)
+    assert_nothing_written(run.raw, run.base)
+
+
+def test_download_rejects_a_file_as_data_source(tmp_path: Path, write_params, capsys,
+                                                tiny_data_dir: Path) -> None:
+    run = Pipeline(tmp_path / "work")
+    run.root.mkdir()
+    source = tiny_data_dir / "train.csv"
+    write_params(run.params, {"data.source": str(source)})
+    assert run_stage("download", run.argv("download")) == 1
+    assert error_message(capsys.readouterr().err) == (
+        f"data.source: {source} is a file; expected a directory holding train and test files "
+        "(.csv, .jsonl or .parquet)")
+    assert_nothing_written(run.raw, run.base)
+
+
+# --- train / adapters -----------------------------------------------------------------------
+
+def test_train_rejects_unknown_target_module(pipeline: Pipeline, tmp_path: Path, write_params,
+                                             capsys) -> None:
+    run = Pipeline(tmp_path)
+    write_params(run.params, {"lora.target_modules": ["query", "qkv_proj"]})
+    argv = ["--params", str(run.params), "--data", str(pipeline.tokenized), "--base", str(pipeline.base),
+            "--adapter-out", str(run.adapter), "--metrics-out", str(run.metrics / "train")]
+    assert run_stage("train", argv) == 1
+    message = error_message(capsys.readouterr().err)
+    assert message.startswith("lora.target_modules: qkv_proj not in this model (its linear layers: ")
+    assert "query" in message and "\n" not in message
+    assert_nothing_written(run.adapter, run.metrics / "train")
+
+
+@pytest.mark.parametrize("keep", [0.5, 8 / 1e9], ids=["half", "header-only"])
+def test_corrupt_adapter_is_a_user_error(pipeline: Pipeline, tmp_path: Path, keep: float) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(pipeline.adapter, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:max(8, int(len(data) * keep))])
+    with pytest.raises(UserError) as info:
+        load_adapter(adapter, base_dir=pipeline.base)
+    assert str(info.value).startswith(
+        f"{adapter}/adapter_model.safetensors: corrupt or does not match the base model (")
+    assert "\n" not in str(info.value)
+
+
+def test_evaluate_with_corrupt_adapter_exits_1(pipeline: Pipeline, tmp_path: Path, write_params,
+                                               capsys) -> None:
+    run = Pipeline(tmp_path)
+    write_params(run.params)
+    shutil.copytree(pipeline.adapter, run.adapter)
+    weights = run.adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    argv = ["--params", str(run.params), "--data", str(pipeline.tokenized), "--base", str(pipeline.base),
+            "--adapter", str(run.adapter), "--metrics-out", str(run.metrics / "evaluate")]
+    assert run_stage("evaluate", argv) == 1
+    assert error_message(capsys.readouterr().err).startswith(
+        f"{run.adapter}/adapter_model.safetensors: corrupt or does not match the base model (")
+    assert_nothing_written(run.metrics / "evaluate")
+
+
+def test_adapter_dir_without_weights(pipeline: Pipeline, tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(pipeline.adapter, adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"adapter: no adapter_model\.safetensors$"):
+        load_adapter(adapter, base_dir=pipeline.base)

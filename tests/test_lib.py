@@ -1,0 +1,113 @@
+"""Unit tests of stages/lib helpers the stage tests cannot pin down on their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import LABELS
+from stages.lib.data import length_grouped_batches, parse_labels, sorted_batches
+from stages.lib.io import atomic_dir, atomic_file
+from stages.lib.params import UserError
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_length_grouped_batches_cover_every_example_once(group: bool) -> None:
+    lengths = [(i * 7) % 23 + 1 for i in range(100)]
+    batches = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0), group)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    assert [len(b) for b in batches].count(8) == 12 and sum(map(len, batches)) == 100
+    again = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0), group)
+    other = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), group)
+    assert batches == again and batches != other
+
+
+def test_sorted_batches_run_longest_first() -> None:
+    assert sorted_batches([3, 1, 2, 5], 2) == [[3, 0], [2, 1]]
+
+
+def test_parse_labels_accepts_names_and_ids() -> None:
+    assert parse_labels(["Sports", " 3 ", "World", "0"], LABELS, Path("t.csv")) == [1, 3, 0, 0]
+
+
+@pytest.mark.parametrize("value", ["Sprots", "4", "-1", "1.0", "",
+                                   pytest.param("²", id="superscript-2")])
+def test_parse_labels_rejects_other_values_as_user_errors(value: str) -> None:
+    """Every bad label is a UserError naming file, row and value.
+
+    BUG (stages/lib/data.py parse_labels): "²" passes `str.isdigit()` but `int("²")` raises
+    ValueError, so a stray superscript digit crashes split with a traceback.
+    """
+    with pytest.raises(UserError) as info:
+        parse_labels(["World", value], LABELS, Path("t.csv"))
+    assert str(info.value).startswith(f"t.csv row 2: unknown label {value.strip()!r} (expected one of ")
+
+
+# --- io -------------------------------------------------------------------------------------
+
+
+def test_atomic_dir_replaces_on_success_and_keeps_old_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced, not merged
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "c.txt").write_text("3")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_file_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as f:
+            f.write("partial")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_file(target) as f:
+        f.write("done")
+    assert target.read_text() == "done" and list(tmp_path.iterdir()) == [target]
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
+def test_validation_leaves_4bit_weights_as_they_were(tiny_model_dir: Path, double_quant: bool) -> None:
+    """train validates mid-training: eval mode, an inference pass, back to train mode. Every
+    4-bit layer must then compute exactly as before, or training goes on with, and saves an
+    adapter for, a different base than the one on disk.
+
+    Regression: on AVX512-bf16 CPUs bitsandbytes repacks 4-bit weights for inference and
+    rounds their absmax scales to bf16, and its inverse keeps the rounded scales (re-quantized
+    under double quant); stages.lib.model.keep_cpu_layout turns the repacking off.
+    On CPUs without AVX512-bf16 nothing is repacked and this test passes trivially.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    from stages.lib.model import load_base
+
+    model = load_base(tiny_model_dir, LABELS, {"type": "nf4", "double_quant": double_quant,
+                                               "compute_dtype": "fp32"},
+                      ["classifier"], torch.device("cpu"), torch.float32)
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    torch.manual_seed(0)
+    x = torch.randn(4, layer.in_features)
+    layer.train()
+    before = layer(x.clone().requires_grad_(True)).detach()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    layer.train()
+    after = layer(x.clone().requires_grad_(True)).detach()
+    change = (after - before).abs().max().item()
+    assert change == 0.0, f"layer output moved by up to {change:.3g} (of {before.abs().max().item():.3g})"
