@@ -1,7 +1,8 @@
 """evaluate: score the trained adapter on the test split.
 
-Reads  data/tokenized (test split), models/base, models/adapter, params evaluate.batch_size.
-       The base is loaded with the quantization the adapter was trained under (pipeline.json).
+Reads  data/tokenized (test split), models/base, models/adapter, params evaluate.batch_size,
+       evaluate.merged, evaluate.compile. The base is loaded with the quantization the adapter
+       was trained under (pipeline.json); `merged` dequantizes it once and merges LoRA in.
 Writes <metrics-out>/ (DVCLive): metrics.json with accuracy, macro-F1, per-class precision,
        recall and F1, samples/s; plots/sklearn/confusion_matrix.json; plots/custom/per_class_f1.json.
 """
@@ -24,7 +25,7 @@ from stages.lib.io import atomic_dir, run_main
 from stages.lib.model import load_adapter
 from stages.lib.params import load_params
 
-PARAMS = ("evaluate.batch_size",)
+PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile")
 log = logging.getLogger("qlora")
 
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         p = load_params(args.params, PARAMS)
         data, _ = load_tokenized(Path(args.data))
-        classifier = load_adapter(args.adapter, base_dir=args.base)
+        classifier = load_adapter(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
+                                  compile=p["evaluate.compile"])
         sequences, labels = data["test"]
         start = time.perf_counter()
         predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate").argmax(-1)

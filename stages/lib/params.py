@@ -96,6 +96,8 @@ class Train:
 @dataclass(frozen=True)
 class Evaluate:
     batch_size: int = rule(ge=1)
+    merged: bool = rule()
+    compile: bool = rule()
 
 
 @dataclass(frozen=True)
