@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -114,9 +116,12 @@ class PackedTokens:
         self.lengths = [len(s) for s in sequences]
         self.min_width, self.multiple_of = min_width, multiple_of
         width = -(-max([min_width, *self.lengths]) // multiple_of) * multiple_of
-        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        lengths = np.array(self.lengths)
+        # one vectorised scatter, not a loop per row: predict packs every input this way
+        ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+        ids[np.arange(width) < lengths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+        ids = torch.from_numpy(ids)
         self.ids = ids.to(device)
         self.device_lengths = torch.tensor(self.lengths, device=device)
         self.labels = None if labels is None else torch.tensor(labels, device=device)

@@ -171,6 +171,7 @@ def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
     bnb = quantization_config(quant, compute_dtype, skip_modules)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized: classifier" notice is expected
+    hf_logging.disable_progress_bar()  # a bar for a one-second load is noise in `dvc repro`
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
