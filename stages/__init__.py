@@ -1,1 +1,8 @@
 """qlora-pipeline stages: one module per DVC stage, run as `python -m stages.<name>`."""
+
+import logging
+
+# bitsandbytes logs at import that it cannot fetch an optional hub-hosted CPU kernel: expected
+# offline, and noise in every stage log. Set here because transformers imports bitsandbytes
+# before a stage's own logging set-up runs.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -4,7 +4,8 @@
     python -m stages.predict --model models/export "Stocks rally as oil prices fall" ...
 
 The input CSV needs a `text` column; its other columns are kept, and `label_id`, `label` (the
-class name) and `score` (the class probability) are added. Large files are read and written in
+class name) and `score` (the class probability) are added (an input column of one of those names
+is kept as `<name>_input`). Large files are read and written in
 chunks; the output appears only when complete. Texts given on the command line print one
 `label<TAB>score<TAB>text` line each.
 """
@@ -37,6 +38,17 @@ def predict_texts(classifier: Classifier, texts: Sequence[str], batch_size: int)
                          "score": score.numpy().round(6)})
 
 
+OUTPUT_COLUMNS = ("label_id", "label", "score")
+
+
+def renamed(columns: Sequence[str], announce: bool) -> dict[str, str]:
+    """Input columns that clash with the added ones keep their data under `<name>_input`."""
+    clashes = {c: f"{c}_input" for c in columns if c in OUTPUT_COLUMNS}
+    if clashes and announce:
+        print(f"input columns renamed in the output: {clashes}", file=sys.stderr)
+    return clashes
+
+
 def predict_csv(classifier: Classifier, src: Path, dst: Path, batch_size: int) -> int:
     """Label every row of a CSV file in chunks; returns the number of rows written."""
     if not src.is_file():
@@ -53,7 +65,8 @@ def predict_csv(classifier: Classifier, src: Path, dst: Path, batch_size: int) -
                 if chunk.empty:
                     continue
                 result = predict_texts(classifier, chunk["text"].tolist(), batch_size)
-                labelled = pd.concat([chunk.reset_index(drop=True), result], axis=1)
+                kept = chunk.reset_index(drop=True).rename(columns=renamed(chunk.columns, rows == 0))
+                labelled = pd.concat([kept, result], axis=1)
                 labelled.to_csv(out, index=False, header=rows == 0)
                 rows += len(chunk)
                 bar.update(len(chunk))

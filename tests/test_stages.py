@@ -338,6 +338,21 @@ def test_predict_csv_keeps_columns_and_adds_labels(pipeline: Pipeline, tmp_path:
     assert leftovers(tmp_path) == []
 
 
+def test_predict_keeps_clashing_input_columns_under_a_suffix(pipeline: Pipeline, tmp_path: Path,
+                                                             capsys) -> None:
+    """A labelled file (text,label) keeps its labels as label_input beside the predictions."""
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    pd.DataFrame({"text": ["Keeper saves penalty", "Oil prices fall"], "label": ["1", "2"],
+                  "score": ["x", "y"]}).to_csv(src, index=False)
+    assert predict.main(["--model", str(pipeline.export), "--input", str(src), "--output", str(out)]) == 0
+    assert "input columns renamed in the output: {'label': 'label_input', 'score': 'score_input'}" \
+        in capsys.readouterr().err
+    result = pd.read_csv(out, dtype=str)
+    assert list(result.columns) == ["text", "label_input", "score_input", "label_id", "label", "score"]
+    assert result["label_input"].tolist() == ["1", "2"] and result["score_input"].tolist() == ["x", "y"]
+    assert set(result["label"]) <= set(LABELS)
+
+
 def test_predict_texts_print_one_line_each(pipeline: Pipeline, capsys) -> None:
     texts = ["Stocks rally as oil prices fall", "Keeper saves penalty in cup final"]
     assert predict.main(["--model", str(pipeline.export), *texts]) == 0

@@ -31,8 +31,6 @@ def setup_logging() -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes announces an optional hub-hosted CPU kernel it cannot fetch offline
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
