@@ -279,7 +279,7 @@ def main() -> None:
             results.append(run_ours(model_dir, train_data, test_data, pad_id, variant, args.accuracy))
             print(results[-1], flush=True)
     ref = results[0] if not args.skip_reference else None
-    print(f"\n| recipe | train samples/s | x ref | train peak GiB | eval samples/s | x ref | eval peak GiB |"
+    print("\n| recipe | train samples/s | x ref | train peak GiB | eval samples/s | x ref | eval peak GiB |"
           + (" test acc |" if args.accuracy else ""))
     print("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if args.accuracy else ""))
     for r in results:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
-from stages.lib.model import DTYPES, PIPELINE_FILE, load_base, portable_base_id, quantization_config
+from stages.lib.model import (DTYPES, PIPELINE_FILE, load_base, portable_base_id,
+                              quantization_config, write_adapter_config)
 from stages.lib.params import load_params
 
 PARAMS = ("export.merged",)
@@ -120,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in adapter_dir.iterdir():
                 if f.is_file() and f.name != "README.md":
                     shutil.copyfile(f, tmp / f.name)
-            config = read_json(tmp / "adapter_config.json")
-            config["base_model_name_or_path"] = base_id
-            write_json(tmp / "adapter_config.json", config)
+            write_adapter_config(tmp, base_model_name_or_path=base_id)
             bnb = quantization_config(meta["quant"], DTYPES[meta["quant"]["compute_dtype"]],
                                       meta["modules_to_save"])
             if bnb is not None:

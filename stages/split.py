@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import pandas as pd
 from sklearn.model_selection import train_test_split

@@ -28,7 +28,8 @@ from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 from stages.lib.data import PackedTokens, length_grouped_batches, load_tokenized
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.model import (PIPELINE_FILE, attach_lora, autocast, compute_setup, load_base,
-                              pad_multiple, predict_logits, prepare_for_training)
+                              pad_multiple, predict_logits, prepare_for_training,
+                              write_adapter_config)
 from stages.lib.params import load_params
 
 PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             live.end()
             with atomic_dir(args.adapter_out) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
+                write_adapter_config(tmp)
                 tokenizer.save_pretrained(tmp)
                 write_json(tmp / PIPELINE_FILE, {**meta, "quant": quant, "lora": lora, "train": cfg,
                                                  "modules_to_save": lora["modules_to_save"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,19 @@ def test_validation_leaves_4bit_weights_as_they_were(tiny_model_dir: Path, doubl
     after = layer(x.clone().requires_grad_(True)).detach()
     change = (after - before).abs().max().item()
     assert change == 0.0, f"layer output moved by up to {change:.3g} (of {before.abs().max().item():.3g})"
+
+
+def test_adapter_config_is_written_byte_stably(tmp_path: Path) -> None:
+    """PEFT saves target_modules from a set: its order follows the hash seed, so two runs of the
+    same params would give adapters with different DVC hashes unless the list is sorted."""
+    from stages.lib.model import write_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"target_modules": ["value", "query"], "base_model_name_or_path": "models/base"}))
+    write_adapter_config(tmp_path, base_model_name_or_path="org/base")
+    first = (tmp_path / "adapter_config.json").read_bytes()
+    assert json.loads(first) == {"target_modules": ["query", "value"], "base_model_name_or_path": "org/base"}
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "models/base", "target_modules": ["query", "value"]}))
+    write_adapter_config(tmp_path, base_model_name_or_path="org/base")
+    assert (tmp_path / "adapter_config.json").read_bytes() == first

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from stages.lib.data import PackedTokens, sorted_batches
-from stages.lib.io import read_json, sha256_file
+from stages.lib.io import read_json, sha256_file, write_json
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
@@ -108,6 +108,17 @@ def portable_base_id(origin: dict[str, Any]) -> str:
         module = origin["name_or_path"][len(PACKAGE_PREFIX):]
         return PACKAGE_HUB_IDS.get(module, origin["name_or_path"])
     return origin["name_or_path"]
+
+
+def write_adapter_config(adapter_dir: Path, **overrides: Any) -> None:
+    """Rewrite adapter_config.json byte-stably: PEFT stores target_modules as a set, whose order
+    changes with Python's hash seed, and an output DVC hashes must not change between runs."""
+    path = adapter_dir / "adapter_config.json"
+    config = read_json(path)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config.update(overrides)
+    write_json(path, config)
 
 
 def copy_model_files(src: Path, dst: Path) -> dict[str, str]:
