@@ -149,6 +149,19 @@ def test_metrics_show_reports_test_accuracy(repo: Repo) -> None:
     assert "best_val_accuracy" in files["metrics/train/metrics.json"]["data"]
 
 
+def test_plots_show_renders_every_declared_plot(repo: Repo) -> None:
+    """`dvc plots show` writes one HTML page holding each plot declared in dvc.yaml, with data."""
+    plots = yaml.safe_load((repo.root / "dvc.yaml").read_text())["plots"]
+    titles = [spec.get("title", name) for p in plots for name, spec in p.items()]
+    repo.run(DVC, "plots", "show", "-o", "plots_html")
+    html = (repo.root / "plots_html" / "index.html").read_text()
+    assert html.count("vegaEmbed(") == len(plots)
+    for title in titles:
+        assert f'"text": "{title}"' in html or f'"title": "{title}"' in html, title
+    for value in ("Sci/Tech", "step"):  # class names in the confusion matrix, the curves' x axis
+        assert value in html
+
+
 DOWNSTREAM_OF_TRAIN = {"train", "evaluate", "export"}
 
 # (key, new value, stages that must run). Each case starts from the state the last one left.
