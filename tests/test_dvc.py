@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,9 @@ class Repo:
         return old
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, tiny_params: dict[str, Any],
-         tiny_data_dir: Path) -> Repo:
-    """A git+DVC copy of the project with tiny data and params, after one `dvc repro`."""
+def make_repo(tmp: Path, tiny_params: dict[str, Any], tiny_data_dir: Path) -> Repo:
+    """A committed git+DVC copy of the project with tiny data and params, nothing run yet."""
     assert DVC, "dvc not found next to the test interpreter"
-    tmp = tmp_path_factory.mktemp("dvc")
     root = tmp / "repo"
     for name in _project_files():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -123,9 +121,48 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_params: dict[str, Any],
     repo.run(*git, "init", "-q")
     repo.run(*git, "add", "-A")
     repo.run(*git, "commit", "-q", "-m", "tiny copy")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_params: dict[str, Any],
+         tiny_data_dir: Path) -> Repo:
+    """A git+DVC copy of the project with tiny data and params, after one `dvc repro`."""
+    repo = make_repo(tmp_path_factory.mktemp("dvc"), tiny_params, tiny_data_dir)
     ran, _ = repo.repro()
     assert ran == set(STAGES)
     return repo
+
+
+def test_queued_experiments_run_from_a_clean_copy(tmp_path: Path, tiny_params: dict[str, Any],
+                                                  tiny_data_dir: Path) -> None:
+    """`dvc exp run --queue` runs in a copy holding only tracked files: a good run's metrics
+    reach `dvc exp show`, and a failing run's one-line error reaches `dvc queue logs`."""
+    repo = make_repo(tmp_path, tiny_params, tiny_data_dir)
+    repo.run(DVC, "exp", "run", "--queue", "-n", "rank-4", "-S", "lora.r=4")
+    repo.run(DVC, "exp", "run", "--queue", "-n", "rank-0", "-S", "lora.r=0")
+    repo.run(DVC, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        status = repo.run(DVC, "queue", "status").stdout
+        if "rank-4" in status and "rank-0" in status and not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"queue did not finish:\n{status}")
+    assert re.search(r"rank-4\s.*Success", status) and re.search(r"rank-0\s.*Failed", status), status
+
+    shown = json.loads(repo.run(DVC, "exp", "show", "--json").stdout)
+    runs = [exp for baseline in shown for exp in (baseline.get("experiments") or [])]
+    (rank4,) = [r for r in runs if r.get("name") == "rank-4"]
+    data = rank4["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["lora"]["r"] == 4
+    evaluate = data["metrics"]["metrics/evaluate/metrics.json"]["data"]
+    assert 0.0 <= evaluate["accuracy"] <= 1.0
+    assert data["metrics"]["metrics/train/metrics.json"]["data"]["lora_r"] == 4
+
+    logs = repo.run(DVC, "queue", "logs", "rank-0", check=False)
+    assert "error: params.yaml: lora.r: expected int >= 1, got 0" in logs.stdout + logs.stderr
 
 
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(repo: Repo) -> None:
@@ -198,4 +235,21 @@ def test_evaluate_only_key_reruns_evaluate_alone(repo: Repo) -> None:
     assert {k: v for k, v in after.items() if k != "samples_per_s"} == \
         {k: v for k, v in json.loads(before).items() if k != "samples_per_s"}, \
         "evaluate.batch_size changed the test metrics"
+    assert repo.status() == {}
+
+
+def test_push_to_a_local_remote_and_pull_back(repo: Repo, tmp_path: Path) -> None:
+    """Sharing: `dvc push` to a directory remote; with the local cache and outputs gone,
+    `dvc pull` brings the exact adapter back and nothing needs rerunning."""
+    remote = tmp_path / "remote"
+    repo.run(DVC, "remote", "add", "-d", "shared", str(remote))
+    repo.run(DVC, "push")
+    adapter = repo.root / "models" / "adapter" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+    shutil.rmtree(repo.root / ".dvc" / "cache")
+    shutil.rmtree(repo.root / "models" / "adapter")
+    shutil.rmtree(repo.root / "models" / "export")
+    repo.run(DVC, "pull")
+    assert adapter.read_bytes() == before
+    assert (repo.root / "models" / "export" / "adapter_model.safetensors").is_file()
     assert repo.status() == {}
