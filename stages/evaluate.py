@@ -4,7 +4,8 @@ Reads  data/tokenized (test split), models/base, models/adapter, params evaluate
        evaluate.merged, evaluate.compile. The base is loaded with the quantization the adapter
        was trained under (pipeline.json); `merged` dequantizes it once and merges LoRA in.
 Writes <metrics-out>/ (DVCLive): metrics.json with accuracy, macro-F1, per-class precision,
-       recall and F1, samples/s; plots/sklearn/confusion_matrix.json; plots/custom/per_class_f1.json.
+       recall and F1; plots/sklearn/confusion_matrix.json; plots/custom/per_class_f1.json;
+       timing.json (seconds, samples/s: the one part that differs between identical runs).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dvclive import Live
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 from stages.lib.data import load_tokenized
-from stages.lib.io import atomic_dir, run_main
-from stages.lib.model import load_adapter
+from stages.lib.io import TIMING_FILE, atomic_dir, run_main, write_json
+from stages.lib.model import load_adapter, memory_hint
 from stages.lib.params import load_params
 
 PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile")
@@ -57,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                                   compile=p["evaluate.compile"])
         sequences, labels = data["test"]
         start = time.perf_counter()
-        predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate").argmax(-1)
+        with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
+            predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate").argmax(-1)
         elapsed = time.perf_counter() - start
         names = classifier.labels
         metrics = score(labels, predictions.tolist(), names)
-        metrics.update({"test_samples": len(labels), "samples_per_s": round(len(labels) / elapsed, 2)})
+        metrics["test_samples"] = len(labels)
+        timing = {"eval_time_s": round(elapsed, 2), "samples_per_s": round(len(labels) / elapsed, 2)}
         with atomic_dir(args.metrics_out) as tmp:
             live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
             live.summary = metrics
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                                            for n, m in metrics["per_class"].items()],
                           x="f1", y="class", template="bar_horizontal", title="Test F1 per class")
             live.end()
+            write_json(tmp / TIMING_FILE, timing)
         log.info("evaluate: %d test rows, accuracy %.4f, macro-F1 %.4f, %.1f samples/s",
-                 len(labels), metrics["accuracy"], metrics["f1_macro"], metrics["samples_per_s"])
+                 len(labels), metrics["accuracy"], metrics["f1_macro"], timing["samples_per_s"])
 
     return run_main(work)
 

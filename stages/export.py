@@ -79,8 +79,7 @@ accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**
 ## Training
 best validation accuracy {train['best_val_accuracy']:.4f} at step {train['best_step']} of
 {train['steps']}; {train['trainable_params']:,} trainable parameters
-({train['trainable_percent']}% of {train['all_params']:,}); {train['samples_per_s']} samples/s on
-{train['device']}; peak memory {train['peak_memory_mb']} MB.
+({train['trainable_percent']}% of {train['all_params']:,}), trained on {train['device']}.
 
 | param | value |
 | --- | --- |

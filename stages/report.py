@@ -29,9 +29,9 @@ METRICS = {  # column -> (metrics file, key)
     "f1_macro": ("metrics/evaluate/metrics.json", "f1_macro"),
     "trainable_percent": ("metrics/train/metrics.json", "trainable_percent"),
     "trainable_params": ("metrics/train/metrics.json", "trainable_params"),
-    "train_time_s": ("metrics/train/metrics.json", "train_time_s"),
-    "samples_per_s": ("metrics/train/metrics.json", "samples_per_s"),
-    "peak_memory_mb": ("metrics/train/metrics.json", "peak_memory_mb"),
+    "train_time_s": ("metrics/train/timing.json", "train_time_s"),
+    "samples_per_s": ("metrics/train/timing.json", "samples_per_s"),
+    "peak_memory_mb": ("metrics/train/timing.json", "peak_memory_mb"),
     "device": ("metrics/train/metrics.json", "device"),
 }
 

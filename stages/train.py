@@ -2,10 +2,11 @@
 
 Reads  data/tokenized, models/base, params quant.*, lora.*, train.*.
 Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained head, tokenizer,
-       pipeline.json) and <metrics-out>/ (DVCLive: metrics.json summary, per-step loss and lr,
-       per-evaluation validation accuracy and loss).
+       pipeline.json with the weights' sha256) and <metrics-out>/ (DVCLive: metrics.json summary,
+       per-step loss and lr, per-evaluation validation accuracy and loss; timing.json).
 The best checkpoint is the one with the highest validation accuracy, evaluated every epoch
-(and every train.eval_every_steps steps when that is > 0).
+(and every train.eval_every_steps steps when that is > 0). Every train.checkpoint_every_steps
+steps the loop's state goes to <checkpoint-dir>; a rerun after a kill resumes from it.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
+from stages.lib.checkpoint import Checkpoint, fingerprint, rng_states, set_rng_states
 from stages.lib.data import PackedTokens, length_grouped_batches, load_tokenized
-from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
-from stages.lib.model import (PIPELINE_FILE, attach_lora, autocast, compute_setup, load_base,
-                              pad_multiple, predict_logits, prepare_for_training,
-                              write_adapter_config)
+from stages.lib.io import (TIMING_FILE, atomic_dir, read_json, require_dir, run_main,
+                           sha256_file, write_json)
+from stages.lib.model import (ADAPTER_WEIGHTS, PIPELINE_FILE, SOURCE_FILE, attach_lora, autocast,
+                              compute_setup, load_base, memory_hint, pad_multiple, predict_logits,
+                              prepare_for_training, write_adapter_config)
 from stages.lib.params import load_params
 
 PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
           "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.modules_to_save",
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
-          "train.log_every_steps", "train.group_by_length", "train.gradient_checkpointing",
-          "train.compile")
+          "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
+          "train.gradient_checkpointing", "train.compile")
 log = logging.getLogger("qlora")
 
 
@@ -66,10 +69,13 @@ def validate(model, tokens: PackedTokens, labels: list[int], batch_size: int,
 
 
 def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], live: Any,
-          device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+          device: torch.device, dtype: torch.dtype, checkpoint: Checkpoint | None = None) -> dict[str, Any]:
     """The training loop; returns summary metrics. The best weights are loaded into `model`.
 
     `live` is a dvclive.Live, or anything with a `step` attribute and `log_metric(name, value)`.
+    With `checkpoint`, the loop's whole state is saved every cfg["checkpoint_every_steps"] steps,
+    and a run that finds a checkpoint of its own carries on from it: same batches, same dropout
+    masks, same optimizer moments, so it ends where an uninterrupted run would have.
     """
     (train_x, train_y), (val_x, val_y) = data["train"], data["validation"]
     steps_per_epoch = math.ceil(len(train_x) / cfg["batch_size"])
@@ -82,8 +88,8 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
 
     # torch.compile fuses the many small element-wise kernels around each matmul (GPU).
     forward = torch.compile(model) if cfg["compile"] else model
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                   fused=device.type == "cuda")
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps),
                                                 total_steps)
@@ -91,70 +97,115 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
     train_tokens = PackedTokens(train_x, pad_id, device, min_width, pad_multiple(device), train_y)
     val_tokens = PackedTokens(val_x, pad_id, device, min_width, pad_multiple(device))
     eval_batch = cfg["batch_size"] * 4
-    best: dict[str, Any] = {"accuracy": -1.0}
-    step, seen, window, eval_time = 0, 0, [], 0.0
+    # Everything below `progress` and `best_state` is what a checkpoint must restore.
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "seen": 0, "window": [], "epoch_losses": [],
+                                "history": [], "best": {"accuracy": -1.0}, "train_time_s": 0.0}
+    best_state: dict[str, torch.Tensor] = {}
+    resumed = checkpoint.load(device) if checkpoint else None
+    if resumed:
+        tensors, states, progress = resumed
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(tensors[name])
+        best_state = {n[len("best."):]: t for n, t in tensors.items() if n.startswith("best.")}
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        set_rng_states(states["rng"])
+        generator.set_state(states["epoch_start"])
+        for step, name, value in progress["history"]:  # DVCLive's curves start over in a new dir
+            live.step = step
+            live.log_metric(name, value)
+        log.info("resuming from checkpoint %s at step %d of %d (epoch %d)", checkpoint.directory,
+                 progress["step"], total_steps, progress["epoch"] + 1)
+    window = [torch.tensor(v, device=device) for v in progress["window"]]
+    paused = 0.0  # seconds spent validating and checkpointing: not training time
+    start = time.perf_counter()
+
+    def log_metric(name: str, value: float) -> None:
+        live.step = progress["step"]
+        live.log_metric(name, value)
+        progress["history"].append([progress["step"], name, value])
 
     def evaluate_now() -> None:
-        nonlocal eval_time
+        nonlocal paused
         if device.type == "cuda":
             torch.cuda.synchronize()  # queued training steps belong to training time
-        start = time.perf_counter()
+        begin = time.perf_counter()
         scores = validate(model, val_tokens, val_y, eval_batch, device, dtype)
-        eval_time += time.perf_counter() - start  # validate() syncs: it ends with a copy to the host
-        live.step = step
+        paused += time.perf_counter() - begin  # validate() syncs: it ends with a copy to the host
         for name, value in scores.items():
-            live.log_metric(f"val/{name}", value)
-        log.info("step %d: validation accuracy %.4f, loss %.4f", step, scores["accuracy"], scores["loss"])
-        if scores["accuracy"] > best["accuracy"]:
-            best.update(scores, step=step,
-                        state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            log_metric(f"val/{name}", value)
+        log.info("step %d: validation accuracy %.4f, loss %.4f", progress["step"], scores["accuracy"],
+                 scores["loss"])
+        if scores["accuracy"] > progress["best"]["accuracy"]:
+            progress["best"] = {**scores, "step": progress["step"]}
+            best_state.update({n: p.detach().clone() for n, p in trainable.items()})
+
+    def save_checkpoint(epoch_start: torch.Tensor) -> None:
+        nonlocal start, paused
+        begin = time.perf_counter()
+        progress.update(window=[w.item() for w in window],
+                        train_time_s=progress["train_time_s"] + begin - start - paused)
+        start, paused = begin, 0.0  # the training time so far is in progress now
+        checkpoint.save({**trainable, **{f"best.{n}": t for n, t in best_state.items()}},
+                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": rng_states(), "epoch_start": epoch_start}, progress)
+        paused += time.perf_counter() - begin
 
     model.train()
-    start = time.perf_counter()
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(progress["epoch"], cfg["epochs"]):
+        epoch_start = generator.get_state()  # a resumed run rebuilds this epoch's batches from it
         batches = length_grouped_batches(train_tokens.lengths, cfg["batch_size"], generator,
                                          cfg["group_by_length"])
-        bar = tqdm(batches[:total_steps - step], desc=f"epoch {epoch + 1}/{cfg['epochs']}",
-                   unit="step", disable=None)
-        epoch_losses = []
+        done = progress["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+        if done == 0:
+            progress["epoch_losses"] = []
+        progress["epoch"] = epoch
+        todo = batches[done:][:total_steps - progress["step"]]
+        bar = tqdm(todo, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="step", disable=None,
+                   initial=done, total=done + len(todo))
         for batch in bar:
             with autocast(device, dtype):
                 loss = forward(**train_tokens.batch(batch)).loss
             loss.backward()
             if cfg["max_grad_norm"] > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
+                torch.nn.utils.clip_grad_norm_(trainable.values(), cfg["max_grad_norm"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             window.append(loss.detach())
-            step += 1
-            seen += len(batch)
+            progress["step"] += 1
+            progress["seen"] += len(batch)
+            step = progress["step"]
             if step % cfg["log_every_steps"] == 0 or step == total_steps:
                 mean_loss = torch.stack(window).float().mean().item()  # .item() syncs the GPU
-                epoch_losses.append(mean_loss)
+                progress["epoch_losses"].append(mean_loss)
                 window = []
-                live.step = step
-                live.log_metric("train/loss", mean_loss)
-                live.log_metric("train/lr", scheduler.get_last_lr()[0])
+                log_metric("train/loss", mean_loss)
+                log_metric("train/lr", scheduler.get_last_lr()[0])
                 bar.set_description(f"epoch {epoch + 1}/{cfg['epochs']} loss {mean_loss:.3f}")
-            if cfg["eval_every_steps"] and step % cfg["eval_every_steps"] == 0 and step < total_steps:
+            if (cfg["eval_every_steps"] and step % cfg["eval_every_steps"] == 0
+                    and step % steps_per_epoch and step < total_steps):  # else the epoch's end does
                 evaluate_now()
-        log.info("epoch %d/%d: %d steps, mean train loss %.4f", epoch + 1, cfg["epochs"], step,
-                 float(np.mean(epoch_losses)) if epoch_losses else float("nan"))
+            if checkpoint and cfg["checkpoint_every_steps"] and step % cfg["checkpoint_every_steps"] == 0:
+                save_checkpoint(epoch_start)
+        losses = progress["epoch_losses"]
+        log.info("epoch %d/%d: %d steps, mean train loss %.4f", epoch + 1, cfg["epochs"],
+                 progress["step"], float(np.mean(losses)) if losses else float("nan"))
         evaluate_now()
-        if step >= total_steps:
+        if progress["step"] >= total_steps:
             break
-    train_time = time.perf_counter() - start - eval_time
+    train_time = progress["train_time_s"] + time.perf_counter() - start - paused
 
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in best["state"]:
-                param.copy_(best["state"][name])
-    return {"train_loss": epoch_losses[-1] if epoch_losses else float("nan"),
+        for name, param in trainable.items():
+            param.copy_(best_state[name])
+    best, losses = progress["best"], progress["epoch_losses"]
+    return {"train_loss": losses[-1] if losses else float("nan"),
             "best_val_accuracy": best["accuracy"], "best_val_loss": best["loss"],
-            "best_step": best["step"], "steps": step, "train_samples": seen,
+            "best_step": best["step"], "steps": progress["step"], "train_samples": progress["seen"],
             "train_time_s": round(train_time, 2),
-            "samples_per_s": round(seen / train_time, 2) if train_time else 0.0}
+            "samples_per_s": round(progress["seen"] / train_time, 2) if train_time else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="base model directory")
     parser.add_argument("--adapter-out", required=True)
     parser.add_argument("--metrics-out", required=True)
+    parser.add_argument("--checkpoint-dir", required=True,
+                        help="resumable checkpoint (not versioned; removed when training ends)")
     args = parser.parse_args(argv)
 
     def work() -> None:
@@ -171,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         quant, lora, cfg = p.section("quant"), p.section("lora"), p.section("train")
         base_dir = require_dir(args.base, "base model")
         data, meta = load_tokenized(Path(args.data))
-        origin = read_json(base_dir / "SOURCE.json")
+        origin = read_json(base_dir / SOURCE_FILE)
         set_seed(cfg["seed"])
         device, dtype = compute_setup(quant["compute_dtype"])
         model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype)
@@ -183,28 +236,41 @@ def main(argv: list[str] | None = None) -> int:
                  100 * n_trainable / n_all)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         min_width = meta["max_length"] if meta["padding"] == "max_length" else 0
+        # Resume only a run of these params, data, base model and code.
+        code = Path(__file__).parent
+        checkpoint = Checkpoint(args.checkpoint_dir, fingerprint(
+            dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")]))
         from dvclive import Live  # here, so the loop above imports where DVCLive is absent (GPU benchmark)
 
         with atomic_dir(args.metrics_out) as metrics_tmp:
             live = Live(str(metrics_tmp), dvcyaml=False, save_dvc_exp=False)
-            summary = train(model, data, tokenizer.pad_token_id, min_width, cfg, live, device, dtype)
+            with memory_hint("train.batch_size", cfg["batch_size"], " (dvc exp run -S "
+                             "train.batch_size=N), or set train.gradient_checkpointing: true"):
+                summary = train(model, data, tokenizer.pad_token_id, min_width, cfg, live, device,
+                                dtype, checkpoint)
+            timing = {k: summary.pop(k) for k in ("train_time_s", "samples_per_s")}
+            timing["peak_memory_mb"] = round(peak_memory_mb(device), 1)
             summary.update({"model": origin["name_or_path"], "quant_type": quant["type"],
                             "lora_r": lora["r"], "lora_alpha": lora["alpha"],
                             "trainable_params": n_trainable, "all_params": n_all,
                             "trainable_percent": round(100 * n_trainable / n_all, 4),
-                            "peak_memory_mb": round(peak_memory_mb(device), 1),
                             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
             live.summary = summary
             live.end()
+            # Speed differs run to run: kept out of metrics.json, so an unchanged adapter gives
+            # unchanged metrics and export (which reads metrics.json) does not rerun.
+            write_json(metrics_tmp / TIMING_FILE, timing)
             with atomic_dir(args.adapter_out) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
                 write_adapter_config(tmp)
                 tokenizer.save_pretrained(tmp)
                 write_json(tmp / PIPELINE_FILE, {**meta, "quant": quant, "lora": lora, "train": cfg,
                                                  "modules_to_save": lora["modules_to_save"],
-                                                 "base": origin})
+                                                 "base": origin,
+                                                 "sha256": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}})
+        checkpoint.remove()
         log.info("train: best validation accuracy %.4f at step %d, %.1f samples/s -> %s",
-                 summary["best_val_accuracy"], summary["best_step"], summary["samples_per_s"],
+                 summary["best_val_accuracy"], summary["best_step"], timing["samples_per_s"],
                  args.adapter_out)
 
     return run_main(work)

@@ -97,6 +97,10 @@ class Pipeline:
     def metrics(self) -> Path:
         return self.root / "metrics"
 
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints" / "train"
+
     def argv(self, stage: str) -> list[str]:
         """The stage's argv as dvc.yaml's cmd gives it, with this run's paths."""
         p = ["--params", str(self.params)]
@@ -107,7 +111,8 @@ class Pipeline:
                              "--out", str(self.tokenized)],
             "train": p + ["--data", str(self.tokenized), "--base", str(self.base),
                           "--adapter-out", str(self.adapter),
-                          "--metrics-out", str(self.metrics / "train")],
+                          "--metrics-out", str(self.metrics / "train"),
+                          "--checkpoint-dir", str(self.checkpoints)],
             "evaluate": p + ["--data", str(self.tokenized), "--base", str(self.base),
                              "--adapter", str(self.adapter),
                              "--metrics-out", str(self.metrics / "evaluate")],

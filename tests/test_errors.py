@@ -3,6 +3,7 @@ expected, and no output left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from helpers import ROOT, Pipeline, error_message, leftovers, run_stage
+from stages.lib.data import PackedTokens
 from stages.lib.model import load_adapter
 from stages.lib.params import UserError
 
@@ -214,8 +217,8 @@ def test_train_rejects_unknown_target_module(pipeline: Pipeline, tmp_path: Path,
                                              capsys) -> None:
     run = Pipeline(tmp_path)
     write_params(run.params, {"lora.target_modules": ["query", "qkv_proj"]})
-    argv = ["--params", str(run.params), "--data", str(pipeline.tokenized), "--base", str(pipeline.base),
-            "--adapter-out", str(run.adapter), "--metrics-out", str(run.metrics / "train")]
+    argv = run.argv("train")
+    argv[argv.index("--data") + 1], argv[argv.index("--base") + 1] = str(pipeline.tokenized), str(pipeline.base)
     assert run_stage("train", argv) == 1
     message = error_message(capsys.readouterr().err)
     assert message.startswith("lora.target_modules: qkv_proj not in this model (its linear layers: ")
@@ -223,10 +226,37 @@ def test_train_rejects_unknown_target_module(pipeline: Pipeline, tmp_path: Path,
     assert_nothing_written(run.adapter, run.metrics / "train")
 
 
-@pytest.mark.parametrize("keep", [0.5, 8 / 1e9], ids=["half", "header-only"])
-def test_corrupt_adapter_is_a_user_error(pipeline: Pipeline, tmp_path: Path, keep: float) -> None:
+def damage(path: Path, how: str) -> None:
+    """Truncate a file, or flip one byte in its tensor data (which still parses: a wrong model)."""
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        del data[len(data) // 2:]
+    else:
+        data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped-byte"])
+def test_damaged_adapter_is_refused(pipeline: Pipeline, tmp_path: Path, how: str) -> None:
     adapter = tmp_path / "adapter"
     shutil.copytree(pipeline.adapter, adapter)
+    damage(adapter / "adapter_model.safetensors", how)
+    with pytest.raises(UserError) as info:
+        load_adapter(adapter, base_dir=pipeline.base)
+    assert str(info.value) == (
+        f"{adapter}/adapter_model.safetensors: corrupt or modified (sha256 differs from "
+        f"{adapter}/pipeline.json); rerun the stage that wrote it (dvc repro --force <stage>)")
+
+
+@pytest.mark.parametrize("keep", [0.5, 8 / 1e9], ids=["half", "header-only"])
+def test_truncated_adapter_without_checksum_is_a_user_error(pipeline: Pipeline, tmp_path: Path,
+                                                             keep: float) -> None:
+    """An adapter whose pipeline.json has no checksums still fails cleanly when it cannot parse."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(pipeline.adapter, adapter)
+    meta = json.loads((adapter / "pipeline.json").read_text())
+    del meta["sha256"]
+    (adapter / "pipeline.json").write_text(json.dumps(meta))
     weights = adapter / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:max(8, int(len(data) * keep))])
@@ -237,18 +267,26 @@ def test_corrupt_adapter_is_a_user_error(pipeline: Pipeline, tmp_path: Path, kee
     assert "\n" not in str(info.value)
 
 
+def test_damaged_base_model_is_refused(pipeline: Pipeline, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(pipeline.base, base)
+    damage(base / "model.safetensors", "flipped-byte")
+    with pytest.raises(UserError, match=r"^.*/base/model\.safetensors: corrupt or modified \(sha256 "
+                                        r"differs from .*/base/SOURCE\.json\)"):
+        load_adapter(pipeline.adapter, base_dir=base)
+
+
 def test_evaluate_with_corrupt_adapter_exits_1(pipeline: Pipeline, tmp_path: Path, write_params,
                                                capsys) -> None:
     run = Pipeline(tmp_path)
     write_params(run.params)
     shutil.copytree(pipeline.adapter, run.adapter)
-    weights = run.adapter / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    damage(run.adapter / "adapter_model.safetensors", "truncated")
     argv = ["--params", str(run.params), "--data", str(pipeline.tokenized), "--base", str(pipeline.base),
             "--adapter", str(run.adapter), "--metrics-out", str(run.metrics / "evaluate")]
     assert run_stage("evaluate", argv) == 1
     assert error_message(capsys.readouterr().err).startswith(
-        f"{run.adapter}/adapter_model.safetensors: corrupt or does not match the base model (")
+        f"{run.adapter}/adapter_model.safetensors: corrupt or modified (sha256 differs")
     assert_nothing_written(run.metrics / "evaluate")
 
 
@@ -258,3 +296,64 @@ def test_adapter_dir_without_weights(pipeline: Pipeline, tmp_path: Path) -> None
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(UserError, match=r"adapter: no adapter_model\.safetensors$"):
         load_adapter(adapter, base_dir=pipeline.base)
+
+
+# --- running out of memory ----------------------------------------------------------------
+
+OUT_OF_MEMORY = {
+    "gpu": (torch.OutOfMemoryError, "CUDA out of memory. Tried to allocate 3.00 GiB", "GPU"),
+    "host": (RuntimeError, "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 3221225472 bytes.", "host"),
+}
+
+
+def fail_batches(monkeypatch: pytest.MonkeyPatch, error: type, text: str) -> None:
+    """Every batch fails to allocate, as a batch too large for the device would."""
+    def batch(self, indices):
+        raise error(text)
+    monkeypatch.setattr(PackedTokens, "batch", batch)
+
+
+@pytest.mark.parametrize("kind", OUT_OF_MEMORY)
+def test_train_out_of_memory_names_the_param(pipeline: Pipeline, tmp_path: Path, write_params,
+                                             monkeypatch, capsys, kind: str) -> None:
+    error, text, where = OUT_OF_MEMORY[kind]
+    run = Pipeline(tmp_path)
+    write_params(run.params)
+    fail_batches(monkeypatch, error, text)
+    argv = run.argv("train")
+    argv[argv.index("--data") + 1], argv[argv.index("--base") + 1] = str(pipeline.tokenized), str(pipeline.base)
+    monkeypatch.chdir(run.root)
+    assert run_stage("train", argv) == 1
+    assert error_message(capsys.readouterr().err) == (
+        f"out of {where} memory at train.batch_size 8: lower train.batch_size (dvc exp run -S "
+        "train.batch_size=N), or set train.gradient_checkpointing: true")
+    assert_nothing_written(run.adapter, run.metrics / "train")
+
+
+def test_evaluate_out_of_memory_names_the_param(pipeline: Pipeline, tmp_path: Path, write_params,
+                                                monkeypatch, capsys) -> None:
+    run = Pipeline(tmp_path)
+    write_params(run.params)
+    fail_batches(monkeypatch, *OUT_OF_MEMORY["gpu"][:2])
+    argv = ["--params", str(run.params), "--data", str(pipeline.tokenized), "--base", str(pipeline.base),
+            "--adapter", str(pipeline.adapter), "--metrics-out", str(run.metrics / "evaluate")]
+    monkeypatch.chdir(run.root)
+    assert run_stage("evaluate", argv) == 1
+    assert error_message(capsys.readouterr().err) == (
+        "out of GPU memory at evaluate.batch_size 16: lower evaluate.batch_size")
+    assert_nothing_written(run.metrics / "evaluate")
+
+
+def test_other_runtime_errors_keep_their_traceback(pipeline: Pipeline, tmp_path: Path,
+                                                   write_params, monkeypatch) -> None:
+    """Only memory errors become a message; any other RuntimeError is a bug and must show."""
+    run = Pipeline(tmp_path)
+    write_params(run.params)
+    fail_batches(monkeypatch, RuntimeError, "mat1 and mat2 shapes cannot be multiplied")
+    argv = ["--params", str(run.params), "--data", str(pipeline.tokenized), "--base", str(pipeline.base),
+            "--adapter", str(pipeline.adapter), "--metrics-out", str(run.metrics / "evaluate")]
+    monkeypatch.chdir(run.root)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run_stage("evaluate", argv)
+    assert_nothing_written(run.metrics / "evaluate")

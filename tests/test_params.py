@@ -165,7 +165,7 @@ def test_stage_with_bad_params_exits_1_before_writing(tmp_path: Path, write_para
     write_params(tmp_path / "params.yaml", {"lora.r": 0, "train.lr": "fast"})
     status = train.main(["--params", "params.yaml", "--data", "data/tokenized",
                          "--base", "models/base", "--adapter-out", "models/adapter",
-                         "--metrics-out", "metrics/train"])
+                         "--metrics-out", "metrics/train", "--checkpoint-dir", "checkpoints/train"])
     assert status == 1
     message = error_message(capsys.readouterr().err)
     assert message.splitlines() == ["params.yaml: lora.r: expected int >= 1, got 0",

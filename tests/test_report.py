@@ -16,8 +16,9 @@ def _exp(name: str, r: int, accuracy: float | None) -> dict:
     metrics = {} if accuracy is None else {
         "metrics/evaluate/metrics.json": {"data": {"accuracy": accuracy, "f1_macro": accuracy - 0.01}},
         "metrics/train/metrics.json": {"data": {"trainable_percent": 0.04 * r, "trainable_params": 9300 * r,
-                                                "train_time_s": 60.0 + r, "samples_per_s": 50.0,
-                                                "peak_memory_mb": 3000.0, "device": "cpu"}}}
+                                                "device": "cpu"}},
+        "metrics/train/timing.json": {"data": {"train_time_s": 60.0 + r, "samples_per_s": 50.0,
+                                               "peak_memory_mb": 3000.0}}}
     return {"revs": [{"rev": f"{r:040d}", "name": name,
                       "data": {"params": {"params.yaml": {"data": params}}, "metrics": metrics}}]}
 

@@ -145,8 +145,10 @@ def test_train_metrics_and_curves(pipeline: Pipeline, tiny_params) -> None:
     assert metrics["train_samples"] == cfg["max_steps"] * cfg["batch_size"]
     assert metrics["best_step"] in (2, 4)  # eval_every_steps 2, and at the end
     assert 0.0 <= metrics["best_val_accuracy"] <= 1.0
-    for key in ("train_loss", "best_val_loss", "train_time_s", "samples_per_s", "peak_memory_mb"):
-        assert finite(metrics[key]) and metrics[key] > 0, key
+    timing = read_json(pipeline.metrics / "train" / "timing.json")
+    for key, value in {**metrics, **timing}.items():
+        if key in ("train_loss", "best_val_loss", *timing):
+            assert finite(value) and value > 0, key
     assert metrics["trainable_params"] < metrics["all_params"]
     assert metrics["quant_type"] == "nf4" and metrics["lora_r"] == tiny_params["lora"]["r"]
 

