@@ -139,11 +139,16 @@ def test_no_stage_imports_another_stage(name: str) -> None:
 
 @pytest.mark.parametrize("name", STAGES)
 def test_cmd_paths_match_deps_and_outs(name: str) -> None:
-    """Every input path in the cmd is a dep (or holds deps); the output paths are the outs."""
+    """Every input path in the cmd is a dep (or holds deps); the output paths are the outs. The
+    one exception is train's checkpoint directory: a cache DVC must not track (a resumed run
+    reads it, a finished one removes it), and git-ignored."""
     stage = DVC_STAGES[name]
     args = shlex.split(stage["cmd"])[3:]
     flags = dict(zip(args[::2], args[1::2], strict=True))
     assert flags.pop("--params") == "params.yaml"
+    if name == "train":
+        checkpoints = flags.pop("--checkpoint-dir")
+        assert f"/{checkpoints.split('/')[0]}/" in (ROOT / ".gitignore").read_text().split()
     deps = [_path(d) for d in stage["deps"]]
     outs = sorted(_path(o) for o in stage["outs"])
     assert sorted(v for f, v in flags.items() if f.endswith("out")) == outs
