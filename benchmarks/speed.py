@@ -90,7 +90,7 @@ def load_data(model_dir: Path, max_length: int = 128):
 
 
 def quantized_lora_model(model_dir: Path, compute: str, reference: bool,
-                         cache_dequantized: bool = False, attn: str = "sdpa"):
+                         cache_dequantized: bool = False, attn: str = "sdpa", base_dropout: bool = True):
     """NF4 base + LoRA: prepared as the reference recipe does (peft's k-bit preparation, fp32
     compute, gradient checkpointing), or as the pipeline does."""
     from peft import prepare_model_for_kbit_training
@@ -101,7 +101,7 @@ def quantized_lora_model(model_dir: Path, compute: str, reference: bool,
     if reference:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
-        model = prepare_for_training(model, False, cache_dequantized)
+        model = prepare_for_training(model, False, cache_dequantized, base_dropout)
     return attach_lora(model, LORA), device, dtype
 
 
@@ -162,15 +162,16 @@ def run_ours(model_dir: Path, train_data, test_data, pad_id: int, variant: dict,
     torch.manual_seed(42)
     model, device, dtype = quantized_lora_model(model_dir, variant["compute_dtype"], reference=False,
                                                 cache_dequantized=variant.get("dq", False),
-                                                attn=variant.get("attn", "sdpa"))
+                                                attn=variant.get("attn", "sdpa"),
+                                                base_dropout=variant.get("base_dropout", True))
     n = len(train_data[0])
     cut = int(n * 0.8)
     data = {"train": (train_data[0][:cut], train_data[1][:cut]),
             "validation": (train_data[0][cut:], train_data[1][cut:])}
     cfg = {"seed": 42, "epochs": variant["epochs"], "lr": variant["lr"], "batch_size": variant["batch"],
            "weight_decay": 0.01, "warmup_ratio": 0.06, "max_grad_norm": 1.0, "max_steps": 0,
-           "eval_every_steps": 0, "log_every_steps": 50, "group_by_length": True,
-           "gradient_checkpointing": False, "compile": variant["compile"]}
+           "eval_every_steps": 0, "log_every_steps": 50, "checkpoint_every_steps": 0,
+           "group_by_length": True, "gradient_checkpointing": False, "compile": variant["compile"]}
     if not accuracy:  # warm-up run: compile and autotune outside the timing
         warm = {**cfg, "epochs": 1, "max_steps": 3 if not variant["compile"] else 2 * math.ceil(cut / cfg["batch_size"])}
         pipeline_train(model, data, pad_id, 0, {**warm, "compile": variant["compile"]}, NullLive(), device, dtype)
@@ -195,10 +196,11 @@ def run_ours(model_dir: Path, train_data, test_data, pad_id: int, variant: dict,
         from transformers import AutoTokenizer
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
         del model
-        reset_peak(device)
-        classifier = load_adapter(adapter_dir, model_dir, merged=variant["merged"], compile=variant["compile_eval"])
         seqs = test_data[0]
         by_batch = {}
+        reset_peak(device)
+        classifier = load_adapter(adapter_dir, model_dir, merged=variant["merged"],
+                                  compile=variant["compile_eval"])
         for eval_batch in variant["eval_batches"]:
             classifier.logits(seqs, eval_batch)  # warm-up: compiles every batch shape once
             times = []
@@ -208,15 +210,17 @@ def run_ours(model_dir: Path, train_data, test_data, pad_id: int, variant: dict,
                 logits = classifier.logits(seqs, eval_batch)
                 sync(device)
                 times.append(time.perf_counter() - start)
-            by_batch[eval_batch] = len(seqs) / statistics.median(times)
-        best = max(by_batch, key=by_batch.get)
-        result.update(eval_samples_per_s=by_batch[best], eval_batch=best, eval_by_batch=by_batch,
-                      eval_peak_gib=peak_gib(device))
+            by_batch[f"b{eval_batch}"] = {"samples_per_s": len(seqs) / statistics.median(times),
+                                          "peak_gib": peak_gib(device)}
+        best = max(by_batch, key=lambda k: by_batch[k]["samples_per_s"])
+        result.update(eval_samples_per_s=by_batch[best]["samples_per_s"], eval_best=best,
+                      eval_by_batch=by_batch, eval_peak_gib=by_batch[best]["peak_gib"])
         if accuracy:
-            result["test_accuracy"] = float((logits.argmax(-1) == np.array(test_data[1])).mean())
+            predictions = logits.argmax(-1)
+            result["test_accuracy"] = float((predictions == np.array(test_data[1])).mean())
             if variant["merged"]:
-                quantized = load_adapter(adapter_dir, model_dir).logits(seqs, best)
-                result["agree_with_quantized"] = float((quantized.argmax(-1) == logits.argmax(-1)).mean())
+                quantized = load_adapter(adapter_dir, model_dir).logits(seqs, 512).argmax(-1)
+                result["agree_with_quantized"] = float((quantized == predictions).mean())
     return result
 
 
@@ -235,6 +239,13 @@ VARIANTS = {  # dq: train on cached dequantized weights (quant.cache_dequantized
                         eval_batches=[512]),
     "acc-b128-dq": dict(batch=128, lr=2e-3, dq=True, compile=False, merged=True, compile_eval=False,
                         eval_batches=[512]),
+    # the base's own dropout off (train.base_dropout: false)
+    "b512-dq-nodrop-compile": dict(batch=512, dq=True, base_dropout=False, compile=True, merged=True,
+                                   compile_eval=True, eval_batches=[1024]),
+    "acc-b512-lr1e-2-dq": dict(batch=512, lr=1e-2, dq=True, compile=False, merged=True,
+                               compile_eval=False, eval_batches=[512]),
+    "acc-b512-lr1e-2-dq-nodrop": dict(batch=512, lr=1e-2, dq=True, base_dropout=False, compile=False,
+                                      merged=True, compile_eval=False, eval_batches=[512]),
 }
 
 
@@ -250,6 +261,8 @@ def main() -> None:
                         help="where all-MiniLM-L6-v2 is (a directory where its package is not installed)")
     parser.add_argument("--limit", type=int, default=0,
                         help="use only this many train and test texts (default: all on a GPU, 256 on a CPU)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repeat the train and test texts this many times (speed mode: steady-state timing)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", type=Path, help="write a torch.profiler table of 8 training steps per variant into this directory")
     args = parser.parse_args()
@@ -260,6 +273,8 @@ def main() -> None:
         train_data, test_data, pad_id = load_data(model_dir)
         if limit:
             train_data, test_data = [(x[:limit], y[:limit]) for x, y in (train_data, test_data)]
+        if args.repeat > 1:  # a longer timed region at the same length distribution
+            train_data, test_data = [(x * args.repeat, y * args.repeat) for x, y in (train_data, test_data)]
         lengths = [len(x) for x in train_data[0]]
         device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(f"device {device}; model {args.model}; {len(lengths)} train texts, "

@@ -5,9 +5,9 @@
 
 The input CSV needs a `text` column; its other columns are kept, and `label_id`, `label` (the
 class name) and `score` (the class probability) are added (an input column of one of those names
-is kept as `<name>_input`). Large files are read and written in
-chunks; the output appears only when complete. Texts given on the command line print one
-`label<TAB>score<TAB>text` line each.
+is kept as `<name>_input`). Large files are read and written in chunks; the output (CRLF line
+ends, as RFC 4180 has them) appears only when complete. Texts given on the command line print
+one `label<TAB>score<TAB>text` line each.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from stages.lib.data import column_list, reject_surplus_fields
 from stages.lib.io import atomic_file, run_main
-from stages.lib.model import Classifier, load_adapter
+from stages.lib.model import Classifier, load_adapter, memory_hint
 from stages.lib.params import UserError
 
 CHUNK_ROWS = 20_000
@@ -42,8 +43,17 @@ OUTPUT_COLUMNS = ("label_id", "label", "score")
 
 
 def renamed(columns: Sequence[str], announce: bool) -> dict[str, str]:
-    """Input columns that clash with the added ones keep their data under `<name>_input`."""
-    clashes = {c: f"{c}_input" for c in columns if c in OUTPUT_COLUMNS}
+    """Input columns that clash with the added ones keep their data under `<name>_input`
+    (`<name>_input_input` if the input has that too: output columns must stay unique)."""
+    taken = set(columns)
+    clashes = {}
+    for c in columns:
+        if c in OUTPUT_COLUMNS:
+            new = f"{c}_input"
+            while new in taken:
+                new += "_input"
+            clashes[c] = new
+            taken.add(new)
     if clashes and announce:
         print(f"input columns renamed in the output: {clashes}", file=sys.stderr)
     return clashes
@@ -61,13 +71,16 @@ def predict_csv(classifier: Classifier, src: Path, dst: Path, batch_size: int) -
                 tqdm(desc="rows", unit="row", disable=None) as bar:
             for chunk in chunks:
                 if "text" not in chunk.columns:
-                    raise UserError(f"{src}: no `text` column (found {', '.join(chunk.columns)})")
+                    raise UserError(f"{src}: no `text` column (found {column_list(chunk.columns)})")
+                reject_surplus_fields(chunk, src)
                 if chunk.empty:
                     continue
                 result = predict_texts(classifier, chunk["text"].tolist(), batch_size)
                 kept = chunk.reset_index(drop=True).rename(columns=renamed(chunk.columns, rows == 0))
                 labelled = pd.concat([kept, result], axis=1)
-                labelled.to_csv(out, index=False, header=rows == 0)
+                # CRLF rows: Python's csv writer quotes a field holding a line terminator char, so
+                # under the default "\n" a text with a bare "\r" went out unquoted and split its row
+                labelled.to_csv(out, index=False, header=rows == 0, lineterminator="\r\n")
                 rows += len(chunk)
                 bar.update(len(chunk))
             if rows == 0:  # inside the block, so no output file is left behind
@@ -100,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.input and not args.input.is_file():  # before the slow model load
             raise UserError(f"{args.input}: input file not found")
         classifier = load_adapter(args.model)
-        if args.texts:
-            result = predict_texts(classifier, args.texts, args.batch_size)
-            for text, row in zip(args.texts, result.itertuples()):
-                print(f"{row.label}\t{row.score:.4f}\t{text}")
-        if args.input:
-            rows = predict_csv(classifier, args.input, args.output, args.batch_size)
-            print(f"labelled {rows} rows -> {args.output}", file=sys.stderr)
+        with memory_hint("--batch-size", args.batch_size):
+            if args.texts:
+                result = predict_texts(classifier, args.texts, args.batch_size)
+                for text, row in zip(args.texts, result.itertuples()):
+                    print(f"{row.label}\t{row.score:.4f}\t{text}")
+            if args.input:
+                rows = predict_csv(classifier, args.input, args.output, args.batch_size)
+                print(f"labelled {rows} rows -> {args.output}", file=sys.stderr)
 
     return run_main(work)
 

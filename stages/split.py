@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         train, val = stratified_split(train_all, p["split.val_fraction"], p["split.seed"])
         with atomic_dir(args.out) as tmp:
             for name, df in (("train", train), ("validation", val), ("test", test)):
-                df.to_csv(tmp / f"{name}.csv", index=False)
+                # CRLF line ends: the csv writer then quotes a text holding a bare \r, which would
+                # otherwise split its row when read back
+                df.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\r\n")
             write_json(tmp / "labels.json", labels)
         log.info("split: %d train, %d validation, %d test rows -> %s",
                  len(train), len(val), len(test), args.out)

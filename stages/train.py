@@ -40,7 +40,7 @@ PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cach
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
-          "train.gradient_checkpointing", "train.compile")
+          "train.gradient_checkpointing", "train.base_dropout", "train.compile")
 log = logging.getLogger("qlora")
 
 
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(cfg["seed"])
         device, dtype = compute_setup(quant["compute_dtype"])
         model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype)
-        model = prepare_for_training(model, cfg["gradient_checkpointing"], quant["cache_dequantized"])
+        model = prepare_for_training(model, cfg["gradient_checkpointing"], quant["cache_dequantized"],
+                                     cfg["base_dropout"])
         model = attach_lora(model, lora)
         n_trainable, n_all = model.get_nb_trainable_parameters()
         log.info("model %s, quant %s, device %s, compute %s: %d trainable of %d parameters (%.3f%%)",

@@ -4,6 +4,7 @@ export round trip, and the predict CLI.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -88,6 +89,22 @@ def test_split_depends_on_its_seed_only(pipeline: Pipeline, tmp_path: Path, writ
         assert (again.split / name).read_bytes() == (pipeline.split / name).read_bytes()
     assert (reseeded.split / "validation.csv").read_bytes() != \
         (pipeline.split / "validation.csv").read_bytes()
+
+
+def test_split_keeps_texts_with_line_breaks_whole(pipeline: Pipeline, tmp_path: Path,
+                                                  write_params) -> None:
+    """A text holding a bare CR, a LF, or quotes comes out of split exactly as it went in."""
+    run = Pipeline(tmp_path)
+    write_params(run.params)
+    shutil.copytree(pipeline.raw, run.raw)
+    train = pd.read_csv(run.raw / "train.csv", keep_default_na=False)
+    odd = ["carriage\rreturn", "line\nfeed", 'a "quoted"\r\nword']
+    train.loc[:2, "text"] = odd
+    train.to_csv(run.raw / "train.csv", index=False, quoting=csv.QUOTE_ALL)
+    assert run_stage("split", run.argv("split")) == 0
+    texts = pd.concat(pd.read_csv(run.split / f"{name}.csv", keep_default_na=False)
+                      for name in ("train", "validation"))["text"].tolist()
+    assert len(texts) == len(train) and set(odd) <= set(texts)
 
 
 # --- tokenize -------------------------------------------------------------------------------

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from stages.lib.params import UserError
@@ -26,15 +27,40 @@ def find_table(directory: Path, stem: str) -> Path:
     return found[0]
 
 
+def column_list(columns: Iterable[object]) -> str:
+    """Column names for a one-line message: a name with a newline or NUL in it is quoted."""
+    names = [name if name.isprintable() else repr(name) for name in map(str, columns)]
+    return ", ".join(names) or "none"
+
+
+def reject_surplus_fields(df: pd.DataFrame, path: Path) -> None:
+    """Fail when data rows have more fields than the header.
+
+    pandas reads such a CSV without complaint: it makes the surplus leading fields the index,
+    so every column silently shifts one place (the first column's text would be dropped).
+    """
+    if not isinstance(df.index, pd.RangeIndex):
+        width = len(df.columns)
+        raise UserError(f"{path}: data rows have {width + df.index.nlevels} fields but the header "
+                        f"has {width} (expected one field per header column)")
+
+
+def as_text(df: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as str, nulls as ''. Via object, so a categorical column takes '' too; read
+    with nullable dtypes, an int column with a null keeps `1`, not `1.0`."""
+    return df.astype(object).fillna("").astype(str)
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV, JSON Lines or Parquet file with every column as text, empty cells as ''."""
     try:
         if path.suffix == ".csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+            reject_surplus_fields(df, path)
         elif path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True, dtype=False).fillna("").astype(str)
+            df = as_text(pd.read_json(path, lines=True, dtype=False, dtype_backend="numpy_nullable"))
         elif path.suffix == ".parquet":
-            df = pd.read_parquet(path).fillna("").astype(str)
+            df = as_text(pd.read_parquet(path, dtype_backend="numpy_nullable"))
         else:
             raise UserError(f"{path}: unsupported file type (expected {', '.join(TABLE_SUFFIXES)})")
     except FileNotFoundError:
@@ -43,23 +69,34 @@ def read_table(path: Path) -> pd.DataFrame:
         raise UserError(f"{path}: empty file (expected a header row and data rows)") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except (pd.errors.ParserError, ValueError, OSError, csv.Error) as e:
-        raise UserError(f"{path}: malformed {path.suffix[1:]} ({str(e).strip().splitlines()[0]})") from None
+    except (KeyError, TypeError):
+        # pandas' errors for a JSON line that is not an object (`1` after `{...}`), or for a
+        # Parquet file whose embedded pandas metadata is corrupt; from a CSV, they are bugs
+        if path.suffix == ".csv":
+            raise
+        expected = "one JSON object per line" if path.suffix == ".jsonl" else "valid pandas metadata"
+        raise UserError(f"{path}: malformed {path.suffix[1:]} (expected {expected})") from None
+    except (pd.errors.ParserError, ValueError, OSError, csv.Error, pa.ArrowException) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: malformed {path.suffix[1:]} ({reason})") from None
     return df
 
 
 def parse_labels(values: Sequence[str], label_names: Sequence[str], path: Path) -> list[int]:
     """Map label cells to class ids: a class name, or its integer id, is accepted."""
     by_name = {name: i for i, name in enumerate(label_names)}
+    by_id = {str(i): i for i in range(len(label_names))}
     ids: list[int] = []
     for row, value in enumerate(values, start=1):
         value = value.strip()
+        digits = value.lstrip("0") or "0"  # "02" is id 2; no int(): it raises past 4300 digits
         if value in by_name:
             ids.append(by_name[value])
-        elif value.isascii() and value.isdigit() and int(value) < len(label_names):
-            ids.append(int(value))
+        elif value.isascii() and value.isdigit() and digits in by_id:
+            ids.append(by_id[digits])
         else:
-            raise UserError(f"{path} row {row}: unknown label {value!r} (expected one of "
+            shown = value if len(value) <= 80 else value[:80] + "..."  # a 5 MB cell stays readable
+            raise UserError(f"{path} row {row}: unknown label {shown!r} (expected one of "
                             f"{', '.join(label_names)} or an id 0-{len(label_names) - 1})")
     return ids
 
@@ -71,7 +108,7 @@ def load_labelled(path: Path, text_column: str, label_column: str,
     missing = [c for c in (text_column, label_column) if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} "
-                        f"(found {', '.join(map(str, df.columns)) or 'none'})")
+                        f"(found {column_list(df.columns)})")
     if df.empty:
         raise UserError(f"{path}: no data rows")
     texts = df[text_column].astype(str)

@@ -271,8 +271,9 @@ def memory_hint(setting: str, value: int, also: str = "") -> Iterator[None]:
 
 
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool,
-                         cache_dequantized: bool = False) -> torch.nn.Module:
-    """Freeze the base and set up gradient checkpointing.
+                         cache_dequantized: bool = False, base_dropout: bool = True) -> torch.nn.Module:
+    """Freeze the base, set up gradient checkpointing, and switch the base's dropout off unless
+    `base_dropout`.
 
     `cache_dequantized` replaces each frozen 4-bit layer by a plain layer holding its weights
     dequantized once, in the compute dtype. bitsandbytes dequantizes the same weights to the same
@@ -287,6 +288,12 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool,
         model = model.dequantize()
     for param in model.parameters():
         param.requires_grad_(False)
+    if not base_dropout:
+        # p=0 rather than removing the modules: attention kernels read their p from them. Only
+        # inside the base model: the head's dropout (and LoRA's, attached later) stay.
+        for module in model.base_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -299,47 +306,6 @@ def upcast_trainable(model: torch.nn.Module) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-
-
-E4M3_MAX = 448.0  # the largest float8_e4m3fn value
-
-
-class Float8Linear(torch.nn.Module):
-    """Inference-only stand-in for nn.Linear: fp8 (e4m3) weights scaled per output row, inputs
-    scaled per token at run time. H100-class GPUs multiply fp8 at twice the bf16 rate; the
-    row-wise scales keep the rounding per row, not per tensor (evaluate reports how often the
-    predictions still agree with the quantized model's)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-        self.register_buffer("weight", (weight / scale).to(torch.float8_e4m3fn))  # [out, in]
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, out]
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        scale = rows.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        quantized = (rows / scale).to(torch.float8_e4m3fn)
-        # mat2 must be column-major: the transpose of the row-major weight is
-        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               out_dtype=x.dtype)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def to_float8(model: torch.nn.Module, keep: Sequence[str]) -> int:
-    """Swap the model's Linear layers for Float8Linear, except those under a name in `keep`
-    (the head: tiny, and the last word on the prediction). Returns how many were swapped."""
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and not any(k in name.split(".") for k in keep)
-               and module.in_features % 16 == 0 and module.out_features % 16 == 0]
-    for name, module in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, Float8Linear(module))
-    return len(targets)
 
 
 @torch.inference_mode()
@@ -401,21 +367,18 @@ def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> dict[str, 
 
 
 def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
-                 merged: bool = False, compile: bool = False, fp8: bool = False) -> Classifier:
+                 merged: bool = False, compile: bool = False) -> Classifier:
     """Rebuild the trained classifier from an adapter directory.
 
     The base comes from `base_dir` when given (the pipeline's models/base), else from where
     pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
     the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
-    plain matmuls in the compute dtype, much faster for inference. `fp8` then runs those matmuls
-    in float8 (Float8Linear; merged only). `compile` adds torch.compile.
+    plain matmuls in the compute dtype, much faster for inference. `compile` adds torch.compile.
     """
     from peft import PeftModel
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    if fp8 and not merged:
-        raise ValueError("fp8 runs on the merged model: pass merged=True")
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
     if base_dir is None:
@@ -432,9 +395,6 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
                         f"base model ({str(e).splitlines()[0][:200]})") from None
     if merged:
         model = model.merge_and_unload().to(device=device, dtype=dtype)
-    if fp8:  # on the merged model only: params validation makes fp8 require merged
-        log.info("fp8 inference: %d linear layers in float8 e4m3",
-                 to_float8(model, ["classifier", "pooler"]))
     model.eval()
     if compile:
         model = torch.compile(model)

@@ -91,6 +91,7 @@ class Train:
     checkpoint_every_steps: int = rule(ge=0)
     group_by_length: bool = rule()
     gradient_checkpointing: bool = rule()
+    base_dropout: bool = rule()
     compile: bool = rule()
 
 
