@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -27,20 +28,21 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from stages.lib.checkpoint import Checkpoint, fingerprint, rng_states, set_rng_states
+from stages.lib.distributed import WORKER_ENV, Processes, launch
 from stages.lib.data import PackedTokens, length_grouped_batches, load_tokenized
 from stages.lib.io import (TIMING_FILE, atomic_dir, read_json, require_dir, run_main,
                            sha256_file, write_json)
 from stages.lib.model import (ADAPTER_WEIGHTS, PIPELINE_FILE, SOURCE_FILE, attach_lora, autocast,
                               compute_setup, load_base, memory_hint, pad_multiple, predict_logits,
                               prepare_for_training, write_adapter_config)
-from stages.lib.params import load_params
+from stages.lib.params import UserError, load_params
 
 PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
           "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.modules_to_save",
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
-          "train.gradient_checkpointing", "train.base_dropout", "train.compile")
+          "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes")
 log = logging.getLogger("qlora")
 
 
@@ -68,17 +70,31 @@ def validate(model, tokens: PackedTokens, labels: list[int], batch_size: int,
             "accuracy": (logits.argmax(-1) == target).float().mean().item()}
 
 
+class NullLive:
+    """Stands in for dvclive.Live where nothing is logged (other workers, benchmarks)."""
+    step = 0
+
+    def log_metric(self, name: str, value: float) -> None:
+        pass
+
+
 def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], live: Any,
-          device: torch.device, dtype: torch.dtype, checkpoint: Checkpoint | None = None) -> dict[str, Any]:
+          device: torch.device, dtype: torch.dtype, checkpoint: Checkpoint | None = None,
+          processes: Processes | None = None) -> dict[str, Any]:
     """The training loop; returns summary metrics. The best weights are loaded into `model`.
 
     `live` is a dvclive.Live, or anything with a `step` attribute and `log_metric(name, value)`.
     With `checkpoint`, the loop's whole state is saved every cfg["checkpoint_every_steps"] steps,
     and a run that finds a checkpoint of its own carries on from it: same batches, same dropout
     masks, same optimizer moments, so it ends where an uninterrupted run would have.
+    With several `processes`, every worker draws the same global batches and trains on its
+    shard of each; DDP averages the gradients, so the update is that of the global batch.
     """
+    processes = processes or Processes()
     (train_x, train_y), (val_x, val_y) = data["train"], data["validation"]
-    steps_per_epoch = math.ceil(len(train_x) / cfg["batch_size"])
+    # a last batch smaller than the number of workers would leave one with nothing: dropped
+    full, last = divmod(len(train_x), cfg["batch_size"])
+    steps_per_epoch = full + (last >= processes.count)
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg["max_steps"]:
         total_steps = min(total_steps, cfg["max_steps"])
@@ -87,7 +103,7 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
              int(cfg["warmup_ratio"] * total_steps))
 
     # torch.compile fuses the many small element-wise kernels around each matmul (GPU).
-    forward = torch.compile(model) if cfg["compile"] else model
+    forward = torch.compile(processes.wrap(model)) if cfg["compile"] else processes.wrap(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                   fused=device.type == "cuda")
@@ -110,7 +126,7 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
         best_state = {n[len("best."):]: t for n, t in tensors.items() if n.startswith("best.")}
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
-        set_rng_states(states["rng"])
+        set_rng_states(states["rng"][processes.rank])
         generator.set_state(states["epoch_start"])
         for step, name, value in progress["history"]:  # DVCLive's curves start over in a new dir
             live.step = step
@@ -147,26 +163,30 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
         progress.update(window=[w.item() for w in window],
                         train_time_s=progress["train_time_s"] + begin - start - paused)
         start, paused = begin, 0.0  # the training time so far is in progress now
-        checkpoint.save({**trainable, **{f"best.{n}": t for n, t in best_state.items()}},
-                        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "rng": rng_states(), "epoch_start": epoch_start}, progress)
+        rng = processes.gather(rng_states())  # every worker's own dropout stream
+        if processes.is_main:
+            checkpoint.save({**trainable, **{f"best.{n}": t for n, t in best_state.items()}},
+                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "rng": rng, "epoch_start": epoch_start}, progress)
         paused += time.perf_counter() - begin
 
     model.train()
     for epoch in range(progress["epoch"], cfg["epochs"]):
         epoch_start = generator.get_state()  # a resumed run rebuilds this epoch's batches from it
-        batches = length_grouped_batches(train_tokens.lengths, cfg["batch_size"], generator,
-                                         cfg["group_by_length"])
+        batches = [b for b in length_grouped_batches(train_tokens.lengths, cfg["batch_size"],
+                                                     generator, cfg["group_by_length"])
+                   if len(b) >= processes.count]
         done = progress["step"] - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
         if done == 0:
             progress["epoch_losses"] = []
         progress["epoch"] = epoch
         todo = batches[done:][:total_steps - progress["step"]]
-        bar = tqdm(todo, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="step", disable=None,
+        bar = tqdm(todo, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="step",
+                   disable=None if processes.is_main else True,
                    initial=done, total=done + len(todo))
         for batch in bar:
             with autocast(device, dtype):
-                loss = forward(**train_tokens.batch(batch)).loss
+                loss = forward(**train_tokens.batch(processes.shard(batch))).loss
             loss.backward()
             if cfg["max_grad_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(trainable.values(), cfg["max_grad_norm"])
@@ -178,7 +198,8 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
             progress["seen"] += len(batch)
             step = progress["step"]
             if step % cfg["log_every_steps"] == 0 or step == total_steps:
-                mean_loss = torch.stack(window).float().mean().item()  # .item() syncs the GPU
+                # the mean over workers, then .item(): a sync point, so only every few steps
+                mean_loss = processes.mean(torch.stack(window).float().mean()).item()
                 progress["epoch_losses"].append(mean_loss)
                 window = []
                 log_metric("train/loss", mean_loss)
@@ -219,18 +240,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="resumable checkpoint (not versioned; removed when training ends)")
     args = parser.parse_args(argv)
 
-    def work() -> None:
+    def work() -> int:
         p = load_params(args.params, PARAMS)
         quant, lora, cfg = p.section("quant"), p.section("lora"), p.section("train")
+        if cfg["batch_size"] % cfg["processes"]:
+            raise UserError(f"{args.params}: train.batch_size {cfg['batch_size']} is not a multiple of "
+                            f"train.processes {cfg['processes']} (each process takes an equal share "
+                            "of every batch)")
         base_dir = require_dir(args.base, "base model")
         data, meta = load_tokenized(Path(args.data))
+        if cfg["processes"] > 1 and WORKER_ENV not in os.environ:
+            return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg["processes"])
+        processes = Processes()
+        if processes.count != cfg["processes"]:
+            raise UserError(f"{args.params}: train.processes is {cfg['processes']} but this run has "
+                            f"{processes.count} (start it with `python -m stages.train`, which "
+                            "launches the processes itself)")
+        if not processes.is_main:
+            log.setLevel(logging.WARNING)  # one log, the main process's
         origin = read_json(base_dir / SOURCE_FILE)
         set_seed(cfg["seed"])
-        device, dtype = compute_setup(quant["compute_dtype"])
+        device, dtype = compute_setup(quant["compute_dtype"], processes.device)
         model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype)
         model = prepare_for_training(model, cfg["gradient_checkpointing"], quant["cache_dequantized"],
                                      cfg["base_dropout"])
         model = attach_lora(model, lora)
+        if processes.count > 1:  # weights start alike (same seed); dropout masks differ per worker
+            torch.manual_seed(cfg["seed"] + processes.rank)
         n_trainable, n_all = model.get_nb_trainable_parameters()
         log.info("model %s, quant %s, device %s, compute %s: %d trainable of %d parameters (%.3f%%)",
                  origin["name_or_path"], quant["type"], device, dtype, n_trainable, n_all,
@@ -241,21 +277,30 @@ def main(argv: list[str] | None = None) -> int:
         code = Path(__file__).parent
         checkpoint = Checkpoint(args.checkpoint_dir, fingerprint(
             dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")]))
+
+        def fit(live: Any) -> dict[str, Any]:
+            with memory_hint("train.batch_size", cfg["batch_size"], " (dvc exp run -S "
+                             "train.batch_size=N), or set train.gradient_checkpointing: true"):
+                return train(model, data, tokenizer.pad_token_id, min_width, cfg, live, device,
+                             dtype, checkpoint, processes)
+
+        if not processes.is_main:  # trains its shards; the main process writes every output
+            fit(NullLive())
+            processes.wait()
+            return 0
         from dvclive import Live  # here, so the loop above imports where DVCLive is absent (GPU benchmark)
 
         with atomic_dir(args.metrics_out) as metrics_tmp:
             live = Live(str(metrics_tmp), dvcyaml=False, save_dvc_exp=False)
-            with memory_hint("train.batch_size", cfg["batch_size"], " (dvc exp run -S "
-                             "train.batch_size=N), or set train.gradient_checkpointing: true"):
-                summary = train(model, data, tokenizer.pad_token_id, min_width, cfg, live, device,
-                                dtype, checkpoint)
+            summary = fit(live)
             timing = {k: summary.pop(k) for k in ("train_time_s", "samples_per_s")}
-            timing["peak_memory_mb"] = round(peak_memory_mb(device), 1)
+            timing["peak_memory_mb"] = round(peak_memory_mb(device), 1)  # per process
             summary.update({"model": origin["name_or_path"], "quant_type": quant["type"],
                             "lora_r": lora["r"], "lora_alpha": lora["alpha"],
                             "trainable_params": n_trainable, "all_params": n_all,
                             "trainable_percent": round(100 * n_trainable / n_all, 4),
-                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
+                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                            "processes": processes.count})
             live.summary = summary
             live.end()
             # Speed differs run to run: kept out of metrics.json, so an unchanged adapter gives
@@ -270,9 +315,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  "base": origin,
                                                  "sha256": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}})
         checkpoint.remove()
+        processes.wait()
         log.info("train: best validation accuracy %.4f at step %d, %.1f samples/s -> %s",
                  summary["best_val_accuracy"], summary["best_step"], timing["samples_per_s"],
                  args.adapter_out)
+        return 0
 
     return run_main(work)
 

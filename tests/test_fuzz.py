@@ -368,8 +368,11 @@ def check_predict(classifier: Classifier, src: Path) -> str:
     1 with one `error:` line naming the file, no output and no temporaries."""
     dst = src.with_name("out.csv")
     stderr = io.StringIO()
+    def work() -> None:  # run_main takes a stage body: it returns an exit status or None
+        predict_csv(classifier, src, dst, batch_size=64)
+
     with contextlib.redirect_stderr(stderr):
-        status = run_main(lambda: predict_csv(classifier, src, dst, batch_size=64))
+        status = run_main(work)
     if status == 1:
         assert not dst.exists() and leftovers(dst.parent) == []
         return "error: " + error_kind(error_message(stderr.getvalue()), src)

@@ -128,6 +128,15 @@ def rerun(run: Pipeline, pipeline: Pipeline, checkpoint: Path, write_params, ove
     return capsys.readouterr().err
 
 
+def copy_and_run_dir(checkpoint: Path, tmp_path: Path) -> tuple[Path, Pipeline]:
+    """A copy of `checkpoint` to tamper with, and an empty run directory."""
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, copy)
+    run = Pipeline(tmp_path / "run")
+    run.root.mkdir()
+    return copy, run
+
+
 def test_killed_train_resumes_and_matches_an_uninterrupted_run(
         pipeline: Pipeline, uninterrupted: dict, killed: tuple[Path, int], tmp_path: Path,
         write_params, capsys) -> None:
@@ -161,12 +170,9 @@ def test_checkpoint_of_other_params_is_not_reused(pipeline: Pipeline, killed: tu
 def test_damaged_checkpoint_means_starting_over(pipeline: Pipeline, uninterrupted: dict,
                                                 killed: tuple[Path, int], tmp_path: Path,
                                                 write_params, capsys, damaged: str) -> None:
-    checkpoint = tmp_path / "checkpoint"
-    shutil.copytree(killed[0], checkpoint)
+    checkpoint, run = copy_and_run_dir(killed[0], tmp_path)
     path = checkpoint / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    run = Pipeline(tmp_path / "run")
-    run.root.mkdir()
     log = rerun(run, pipeline, checkpoint, write_params, {}, capsys)
     assert f"checkpoint {run.checkpoints} is unreadable" in log
     assert "resuming" not in log
@@ -176,8 +182,7 @@ def test_damaged_checkpoint_means_starting_over(pipeline: Pipeline, uninterrupte
 def test_pickle_payload_in_checkpoint_is_not_executed(pipeline: Pipeline, killed: tuple[Path, int],
                                                       tmp_path: Path, write_params, capsys) -> None:
     """states.pt is loaded with weights_only=True: a pickle that would run code is refused."""
-    checkpoint = tmp_path / "checkpoint"
-    shutil.copytree(killed[0], checkpoint)
+    checkpoint, run = copy_and_run_dir(killed[0], tmp_path)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -185,8 +190,6 @@ def test_pickle_payload_in_checkpoint_is_not_executed(pipeline: Pipeline, killed
             return (shutil.copyfile, (str(checkpoint / "progress.json"), str(marker)))
 
     torch.save({"optimizer": Payload()}, checkpoint / "states.pt")
-    run = Pipeline(tmp_path / "run")
-    run.root.mkdir()
     log = rerun(run, pipeline, checkpoint, write_params, {}, capsys)
     assert not marker.exists()
     assert f"checkpoint {run.checkpoints} is unreadable" in log

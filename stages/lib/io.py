@@ -39,15 +39,15 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-def run_main(work: Callable[[], None]) -> int:
-    """Run a stage body: a UserError becomes one `error:` line and exit status 1."""
+def run_main(work: Callable[[], int | None]) -> int:
+    """Run a stage body; its exit status is what it returns (0 if nothing). A UserError becomes
+    one `error:` line and exit status 1."""
     setup_logging()
     try:
-        work()
+        return work() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _remove(path: Path) -> None:

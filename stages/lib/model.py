@@ -136,14 +136,15 @@ def copy_model_files(src: Path, dst: Path) -> dict[str, str]:
 
 # --- device, precision and quantization ---------------------------------------------------
 
-def compute_setup(requested: str) -> tuple[torch.device, torch.dtype]:
-    """The device to run on and the compute dtype it can use for `requested`."""
+def compute_setup(requested: str, device: torch.device | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device to run on (`device`, else the first GPU, else the CPU) and the compute dtype
+    it can use for `requested`."""
     if torch.cuda.is_available():
         dtype = DTYPES[requested]
         if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
             log.info("compute dtype: bf16 unsupported on this GPU, using fp16")
             dtype = torch.float16
-        return torch.device("cuda"), dtype
+        return device if device is not None and device.type == "cuda" else torch.device("cuda"), dtype
     if requested != "fp32":
         log.info("compute dtype: CPU run uses fp32 (quant.compute_dtype=%s is for GPUs; "
                  "bitsandbytes' CPU kernels are not faster in 16 bits)", requested)
@@ -194,7 +195,9 @@ def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
             label2id={name: i for i, name in enumerate(labels)}, quantization_config=bnb,
             dtype=compute_dtype, use_safetensors=True, trust_remote_code=False,
             ignore_mismatched_sizes=True,  # a base that has a head of another size gets a new one
-            device_map={"": device.index or 0} if device.type == "cuda" else None,
+            # "cuda" without an index is the current device: each DDP worker has set its own
+            device_map={"": device.index if device.index is not None else torch.cuda.current_device()}
+            if device.type == "cuda" else None,
             attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise UserError(f"{base_dir}: cannot load the base model ({str(e).splitlines()[0]})") from None

@@ -93,6 +93,7 @@ class Train:
     gradient_checkpointing: bool = rule()
     base_dropout: bool = rule()
     compile: bool = rule()
+    processes: int = rule(ge=1)
 
 
 @dataclass(frozen=True)

