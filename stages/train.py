@@ -62,8 +62,7 @@ def validate(model, tokens: PackedTokens, labels: list[int], batch_size: int,
              device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Validation loss and accuracy; leaves the model in train mode."""
     model.eval()
-    logits = torch.from_numpy(predict_logits(model, tokens, 0, batch_size, 0, device, dtype,
-                                             desc="validate"))
+    logits = torch.from_numpy(predict_logits(model, tokens, batch_size, device, dtype, desc="validate"))
     model.train()
     target = torch.tensor(labels)
     return {"loss": torch.nn.functional.cross_entropy(logits, target).item(),

@@ -17,7 +17,7 @@ import torch
 
 from helpers import LABELS, Pipeline, error_message, leftovers, run_stage
 from stages import predict
-from stages.lib.data import load_tokenized
+from stages.lib.data import PackedTokens, load_tokenized
 from stages.lib.io import sha256_file
 from stages.lib.model import load_adapter, load_base, predict_logits
 
@@ -270,8 +270,9 @@ def test_merged_export_is_the_full_precision_base_plus_lora(pipeline: Pipeline, 
     cpu = torch.device("cpu")
     base = load_base(pipeline.base, LABELS, {"type": "none"}, meta["modules_to_save"], cpu, torch.float32)
     unmerged = PeftModel.from_pretrained(base, pipeline.adapter).eval()
-    expected = predict_logits(unmerged, sequences, 0, BATCH, 0, cpu, torch.float32)
-    got = predict_logits(merged, sequences, 0, BATCH, 0, cpu, torch.float32)
+    tokens = PackedTokens(sequences, 0, cpu)
+    expected = predict_logits(unmerged, tokens, BATCH, cpu, torch.float32)
+    got = predict_logits(merged, tokens, BATCH, cpu, torch.float32)
     assert np.allclose(got, expected, rtol=1e-4, atol=1e-3)
 
 
@@ -308,7 +309,8 @@ def test_exported_bundle_loads_with_plain_peft(pipeline: Pipeline, test_split,
     base = load_base(pipeline.base, meta["labels"], meta["quant"], meta["modules_to_save"],
                      torch.device("cpu"), torch.float32)
     model = PeftModel.from_pretrained(base, pipeline.export, is_trainable=False).eval()
-    logits = predict_logits(model, test_split[0], 0, BATCH, 0, torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")
+    logits = predict_logits(model, PackedTokens(test_split[0], 0, cpu), BATCH, cpu, torch.float32)
     assert np.allclose(logits, trained_logits, rtol=1e-5, atol=1e-6)
 
 
@@ -330,7 +332,8 @@ def test_trained_head_is_saved_not_reinitialized(pipeline: Pipeline, test_split,
     torch.manual_seed(99)
     fresh = load_base(pipeline.base, meta["labels"], meta["quant"], meta["modules_to_save"],
                       torch.device("cpu"), torch.float32).eval()
-    fresh_logits = predict_logits(fresh, test_split[0], 0, BATCH, 0, torch.device("cpu"), torch.float32)
+    cpu = torch.device("cpu")
+    fresh_logits = predict_logits(fresh, PackedTokens(test_split[0], 0, cpu), BATCH, cpu, torch.float32)
     assert np.abs(fresh_logits - trained_logits).max() > 1e-2
     assert np.allclose(classifier.logits(test_split[0], BATCH), trained_logits, rtol=1e-5, atol=1e-6)
 

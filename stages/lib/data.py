@@ -152,7 +152,7 @@ class PackedTokens:
                  min_width: int = 0, multiple_of: int = 1, labels: Sequence[int] | None = None):
         self.lengths = [len(s) for s in sequences]
         self.min_width, self.multiple_of = min_width, multiple_of
-        width = -(-max([min_width, *self.lengths]) // multiple_of) * multiple_of
+        width = self.width(max(self.lengths, default=0))
         lengths = np.array(self.lengths)
         # one vectorised scatter, not a loop per row: predict packs every input this way
         ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
@@ -166,11 +166,14 @@ class PackedTokens:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def width(self, longest: int) -> int:
+        """The padded width for a longest sequence: at least min_width, a multiple of multiple_of."""
+        return -(-max(self.min_width, longest) // self.multiple_of) * self.multiple_of
+
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask (and labels, if given) for `indices`, padded to the batch's
         longest sequence (at least min_width), rounded up to multiple_of."""
-        width = max(self.min_width, max(self.lengths[i] for i in indices))
-        width = -(-width // self.multiple_of) * self.multiple_of
+        width = self.width(max(self.lengths[i] for i in indices))
         index = torch.tensor(indices, device="cpu").to(self.ids.device, non_blocking=True)
         input_ids = self.ids[index, :width]
         positions = torch.arange(width, device=self.ids.device)

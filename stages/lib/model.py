@@ -312,19 +312,14 @@ def upcast_trainable(model: torch.nn.Module) -> None:
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]] | PackedTokens,
-                   pad_id: int, batch_size: int, min_width: int, device: torch.device,
-                   dtype: torch.dtype, desc: str = "predict") -> np.ndarray:
+def predict_logits(model: torch.nn.Module, tokens: PackedTokens, batch_size: int,
+                   device: torch.device, dtype: torch.dtype, desc: str = "predict") -> np.ndarray:
     """Logits in input order; batches run longest-first to waste little on padding."""
-    if not isinstance(sequences, PackedTokens):
-        if len(sequences) == 0:
-            raise UserError("nothing to predict: no input texts")
-        sequences = PackedTokens(sequences, pad_id, device, min_width, pad_multiple(device))
-    out = torch.empty((len(sequences), model.config.num_labels), dtype=torch.float32, device=device)
-    for batch in tqdm(sorted_batches(sequences.lengths, batch_size), desc=desc, unit="batch",
+    out = torch.empty((len(tokens), model.config.num_labels), dtype=torch.float32, device=device)
+    for batch in tqdm(sorted_batches(tokens.lengths, batch_size), desc=desc, unit="batch",
                       disable=None, leave=False):
         with autocast(device, dtype):
-            logits = model(**sequences.batch(batch)).logits
+            logits = model(**tokens.batch(batch)).logits
         out[torch.tensor(batch, device=device)] = logits.float()
     return out.cpu().numpy()  # one copy back, one sync, at the end
 
@@ -345,13 +340,19 @@ class Classifier:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids, truncated as the training data was."""
-        return self.tokenizer(list(texts), truncation=True, max_length=self.meta["max_length"])["input_ids"]
+        # only the ids: masks are rebuilt per batch from the lengths (PackedTokens)
+        return self.tokenizer(list(texts), truncation=True, max_length=self.meta["max_length"],
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def logits(self, sequences: Sequence[Sequence[int]], batch_size: int,
                desc: str = "predict") -> np.ndarray:
+        """Logits of token id lists, padded as the training data was."""
+        if len(sequences) == 0:
+            raise UserError("nothing to predict: no input texts")
         min_width = self.meta["max_length"] if self.meta["padding"] == "max_length" else 0
-        return predict_logits(self.model, sequences, self.tokenizer.pad_token_id, batch_size,
-                              min_width, self.device, self.dtype, desc)
+        tokens = PackedTokens(sequences, self.tokenizer.pad_token_id, self.device, min_width,
+                              pad_multiple(self.device))
+        return predict_logits(self.model, tokens, batch_size, self.device, self.dtype, desc)
 
 
 def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> dict[str, Any]:
