@@ -54,7 +54,7 @@ def main() -> None:
         (train_x, train_y), _, pad_id = load_data(model_dir)
         torch.manual_seed(42)  # the same initial weights on every worker
         compute = "bf16" if torch.cuda.is_available() else "fp32"
-        model, _, dtype = quantized_lora_model(model_dir, compute, reference=False,
+        model, device, dtype = quantized_lora_model(model_dir, compute, reference=False,
                                                cache_dequantized=True, base_dropout=False)
         processes.wait()  # every worker has loaded it before the main one deletes it
     if args.limit:
@@ -71,14 +71,14 @@ def main() -> None:
            "compile": args.compile}
     if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
         train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 4}, NullLive(),
-              processes.device, dtype, processes=processes)
-    reset_peak(processes.device)
-    summary = train(model, data, pad_id, 0, cfg, NullLive(), processes.device, dtype,
+              device, dtype, processes=processes)
+    reset_peak(device)
+    summary = train(model, data, pad_id, 0, cfg, NullLive(), device, dtype,
                     processes=processes)
-    peaks = processes.gather(peak_gib(processes.device))
+    peaks = processes.gather(peak_gib(device))
     if processes.is_main:
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        print(json.dumps({"model": args.model, "device": device, "processes": processes.count,
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        print(json.dumps({"model": args.model, "device": card, "processes": processes.count,
                           "global_batch": args.global_batch, "per_process_batch": args.global_batch // processes.count,
                           "compile": args.compile, "train_samples": summary["train_samples"],
                           "samples_per_s": summary["samples_per_s"], "peak_gib_per_process": max(peaks),

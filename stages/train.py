@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             log.setLevel(logging.WARNING)  # one log, the main process's
         origin = read_json(base_dir / SOURCE_FILE)
         set_seed(cfg["seed"])
-        device, dtype = compute_setup(quant["compute_dtype"], processes.device)
+        device, dtype = compute_setup(quant["compute_dtype"])
         model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype)
         model = prepare_for_training(model, cfg["gradient_checkpointing"], quant["cache_dequantized"],
                                      cfg["base_dropout"])

@@ -53,10 +53,6 @@ class Processes:
         self.rank, self.count = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.rank == 0
 
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP around the model when there are several workers: gradients of the trainable
         weights (LoRA, head) are averaged across them after each backward pass."""

@@ -136,15 +136,15 @@ def copy_model_files(src: Path, dst: Path) -> dict[str, str]:
 
 # --- device, precision and quantization ---------------------------------------------------
 
-def compute_setup(requested: str, device: torch.device | None = None) -> tuple[torch.device, torch.dtype]:
-    """The device to run on (`device`, else the first GPU, else the CPU) and the compute dtype
-    it can use for `requested`."""
+def compute_setup(requested: str) -> tuple[torch.device, torch.dtype]:
+    """The device to run on and the compute dtype it can use for `requested`. "cuda" is the
+    current GPU: a DDP worker's own (accelerate sets it)."""
     if torch.cuda.is_available():
         dtype = DTYPES[requested]
         if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
             log.info("compute dtype: bf16 unsupported on this GPU, using fp16")
             dtype = torch.float16
-        return device if device is not None and device.type == "cuda" else torch.device("cuda"), dtype
+        return torch.device("cuda"), dtype
     if requested != "fp32":
         log.info("compute dtype: CPU run uses fp32 (quant.compute_dtype=%s is for GPUs; "
                  "bitsandbytes' CPU kernels are not faster in 16 bits)", requested)
