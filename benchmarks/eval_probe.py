@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from speed import LABELS, LORA, NF4, build_model_dir, load_data  # noqa: E402
+from speed import LABELS, LORA, NF4, build_model_dir, load_data, peak_gib, reset_peak, save_adapter, sync  # noqa: E402
 from stages.lib.data import PackedTokens, sorted_batches  # noqa: E402
 from stages.lib.model import (attach_lora, autocast, compute_setup, load_adapter,  # noqa: E402
                               load_base, pad_multiple)
@@ -57,20 +57,6 @@ T0 = time.perf_counter()
 
 def elapsed() -> float:
     return time.perf_counter() - T0
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_gib(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
 
 def log(*a):
@@ -88,12 +74,7 @@ def build_classifier(model_dir: Path, adapter_dir: Path, compile_eval: bool):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.02)
-    model.save_pretrained(adapter_dir)
-    (adapter_dir / "pipeline.json").write_text(json.dumps({
-        "labels": LABELS, "max_length": 128, "padding": "longest", "modules_to_save": ["classifier"],
-        "quant": {**NF4, "compute_dtype": "bf16"}, "base": {"name_or_path": str(model_dir)}}))
-    from transformers import AutoTokenizer
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
+    save_adapter(model, adapter_dir, model_dir, "bf16")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -34,20 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 from stages.lib.model import (attach_lora, compute_setup, load_adapter, load_base,  # noqa: E402
                               prepare_for_training, resolve_model_source)
-from stages.train import train as pipeline_train  # noqa: E402
+from stages.train import NullLive, train as pipeline_train  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["query", "value"],
         "modules_to_save": ["classifier"]}
 NF4 = {"type": "nf4", "double_quant": True}
-
-
-class NullLive:
-    """Stands in for dvclive.Live: the benchmark keeps only the summary."""
-    step = 0
-
-    def log_metric(self, name: str, value: float) -> None:
-        pass
 
 
 def sync(device: torch.device) -> None:
@@ -103,6 +95,17 @@ def quantized_lora_model(model_dir: Path, compute: str, reference: bool,
     else:
         model = prepare_for_training(model, False, cache_dequantized, base_dropout)
     return attach_lora(model, LORA), device, dtype
+
+
+def save_adapter(model, adapter_dir: Path, model_dir: Path, compute: str) -> None:
+    """The adapter directory train writes, as far as load_adapter needs it."""
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(adapter_dir)
+    (adapter_dir / "pipeline.json").write_text(json.dumps({
+        "labels": LABELS, "max_length": 128, "padding": "longest", "modules_to_save": ["classifier"],
+        "quant": {**NF4, "compute_dtype": compute}, "base": {"name_or_path": str(model_dir)}}))
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
 
 
 def run_reference(model_dir: Path, train_data, test_data, pad_id: int, steps: int, eval_n: int,
@@ -189,12 +192,7 @@ def run_ours(model_dir: Path, train_data, test_data, pad_id: int, variant: dict,
     result = {"recipe": variant["name"], "train_samples_per_s": summary["samples_per_s"], "train_peak_gib": train_peak}
     # inference through the pipeline's own path: save the adapter, rebuild it as evaluate does
     with tempfile.TemporaryDirectory() as adapter_dir:
-        model.save_pretrained(adapter_dir)
-        (Path(adapter_dir) / "pipeline.json").write_text(json.dumps({
-            "labels": LABELS, "max_length": 128, "padding": "longest", "modules_to_save": ["classifier"],
-            "quant": {**NF4, "compute_dtype": variant["compute_dtype"]}, "base": {"name_or_path": str(model_dir)}}))
-        from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
+        save_adapter(model, Path(adapter_dir), model_dir, variant["compute_dtype"])
         del model
         seqs = test_data[0]
         by_batch = {}
