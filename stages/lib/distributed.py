@@ -42,8 +42,8 @@ def launch(module: str, argv: Sequence[str], processes: int) -> int:
 
 
 class Processes:
-    """This process's place among the workers: rank, count, device, and the few collectives the
-    training loop needs."""
+    """This process's place among the workers (rank, count) and the few collectives the training
+    loop needs. Its GPU is the current CUDA device, which accelerate sets."""
 
     def __init__(self) -> None:
         from accelerate import Accelerator
