@@ -23,61 +23,80 @@ import torch
 
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.model import (DTYPES, PIPELINE_FILE, load_base, portable_base_id,
-                              quantization_config, write_adapter_config)
+                              load_tokenizer, quantization_config, task_of,
+                              write_adapter_config)
 from stages.lib.params import load_params
 
 PARAMS = ("export.merged",)
 log = logging.getLogger("qlora")
 
 
+PIPELINE_TAGS = {"classification": "text-classification", "masked-lm": "fill-mask",
+                 "causal-lm": "text-generation"}
+PEFT_CLASSES = {"classification": "AutoPeftModelForSequenceClassification",
+                "masked-lm": "AutoPeftModel", "causal-lm": "AutoPeftModelForCausalLM"}
+
+
 def model_card(meta: dict[str, Any], base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
     """A Hugging Face model card: front matter, how to load, params, metrics."""
-    labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta["labels"]))
-    params = {"quant": meta["quant"], "lora": meta["lora"], "train": meta["train"],
-              "tokenize": {"max_length": meta["max_length"], "padding": meta["padding"]}}
+    task = task_of(meta)
+    params = {"task": meta.get("task", {"type": task}), "quant": meta["quant"], "lora": meta["lora"],
+              "train": meta["train"], "tokenize": {"max_length": meta["max_length"], "padding": meta["padding"]}}
     param_rows = "\n".join(f"| {section}.{k} | {v} |" for section, values in params.items()
                            for k, v in values.items())
-    per_class = "\n".join(f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
-                          for n, m in test["per_class"].items())
+    saved = ", ".join(meta["modules_to_save"]) or "none"
+    if task == "classification":
+        labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta["labels"]))
+        what, head_args = f"text classifier. Labels: {labels}.", (
+            f"num_labels={len(meta['labels'])}, id2label=dict(enumerate(labels)), ")
+        use = 'python -m stages.predict --model <this directory> "Stocks rally as oil prices fall"'
+        per_class = "\n".join(f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
+                              for n, m in test["per_class"].items())
+        results = f"""## Test metrics ({test['test_samples']} rows)
+accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**, weighted F1 **{test.get('f1_weighted', float('nan')):.4f}**
+
+| class | precision | recall | F1 | support |
+| --- | --- | --- | --- | --- |
+{per_class}"""
+    else:
+        what, head_args = f"{task} adapter.", ""
+        use = ('python -m stages.generate --model <this directory> "ROMEO:"' if task == "causal-lm"
+               else "(masked-LM adapters are scored by the pipeline; load them with peft as below)")
+        results = f"""## Test metrics ({test['test_blocks']} blocks of {test['block_tokens']} tokens)
+loss **{test['loss']:.4f}**, perplexity **{test['perplexity']:.2f}** (per predicted token)"""
+    best = meta.get("task", {}).get("metric", "accuracy")
     return f"""---
 library_name: peft
 base_model: {base_id}
-pipeline_tag: text-classification
+pipeline_tag: {PIPELINE_TAGS[task]}
 tags: [qlora, lora, bitsandbytes, {meta['quant']['type']}, qlora-pipeline]
 ---
-# {base_id} + QLoRA text classifier
+# {base_id} + QLoRA {what.split('.')[0]}
 
 A LoRA adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']}, on
-{', '.join(meta['lora']['target_modules'])}) and a fully trained classification head
-({', '.join(meta['modules_to_save'])}) for `{base_id}` loaded in {meta['quant']['type']}
-(double quant: {meta['quant']['double_quant']}). Labels: {labels}.
+{', '.join(meta['lora']['target_modules'])}), with these modules trained in full: {saved}; for
+`{base_id}` loaded in {meta['quant']['type']} (double quant: {meta['quant']['double_quant']}). A {what}
 Base model provenance: `{json.dumps({k: v for k, v in meta['base'].items() if k != 'sha256'})}`.
 
 ## Use
 ```bash
-python -m stages.predict --model <this directory> "Stocks rally as oil prices fall"
+{use}
 ```
 or, with the hub reachable:
 ```python
-from peft import AutoPeftModelForSequenceClassification
-from transformers import AutoTokenizer, BitsAndBytesConfig
 import json
+import peft
+from transformers import AutoTokenizer, BitsAndBytesConfig
 labels = json.load(open("pipeline.json"))["labels"]
-model = AutoPeftModelForSequenceClassification.from_pretrained(
-    ".", num_labels={len(meta['labels'])}, id2label=dict(enumerate(labels)),
-    quantization_config=BitsAndBytesConfig.from_dict(json.load(open("quantization_config.json"))))
+model = peft.{PEFT_CLASSES[task]}.from_pretrained(
+    ".", {head_args}quantization_config=BitsAndBytesConfig.from_dict(json.load(open("quantization_config.json"))))
 tokenizer = AutoTokenizer.from_pretrained(".")
 ```
 
-## Test metrics ({test['test_samples']} rows)
-accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**
-
-| class | precision | recall | F1 | support |
-| --- | --- | --- | --- | --- |
-{per_class}
+{results}
 
 ## Training
-best validation accuracy {train['best_val_accuracy']:.4f} at step {train['best_step']} of
+best validation {best} {train[f'best_val_{best}']:.4f} at step {train['best_step']} of
 {train['steps']}; {train['trainable_params']:,} trainable parameters
 ({train['trainable_percent']}% of {train['all_params']:,}), trained on {train['device']}.
 
@@ -90,13 +109,11 @@ best validation accuracy {train['best_val_accuracy']:.4f} at step {train['best_s
 def write_merged(adapter_dir: Path, base_dir: Path, meta: dict[str, Any], out: Path) -> None:
     """Merge LoRA into a full-precision copy of the base and save it as a plain model."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
-
     base = load_base(base_dir, meta["labels"], {"type": "none"}, meta["modules_to_save"],
-                     torch.device("cpu"), torch.float32)
+                     torch.device("cpu"), torch.float32, task=task_of(meta))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+    load_tokenizer(adapter_dir).save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copyfile(f, tmp / f.name)
             write_adapter_config(tmp, base_model_name_or_path=base_id)
             bnb = quantization_config(meta["quant"], DTYPES[meta["quant"]["compute_dtype"]],
-                                      meta["modules_to_save"])
+                                      meta["modules_to_save"], task_of(meta))
             if bnb is not None:
                 write_json(tmp / "quantization_config.json", bnb.to_dict())
             (tmp / "README.md").write_text(model_card(meta, base_id, train, test), encoding="utf-8")

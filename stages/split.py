@@ -1,9 +1,11 @@
-"""split: validate the raw data and split train into train/validation, stratified by label.
+"""split: validate the raw data and split train into train/validation.
 
-Reads  data/raw/{train,test}.*, params data.text_column, data.label_column, data.label_names,
+Reads  data/raw/, params task.type, data.text_column, data.label_column, data.label_names,
        split.val_fraction, split.seed.
-Writes <out>/{train,validation,test}.csv (columns text, label as class id) and labels.json.
-       The test split is kept as given.
+Writes classification: <out>/{train,validation,test}.csv (columns text, label as class id) and
+       labels.json; validation is stratified by label, test is kept as given.
+       language models: <out>/{train,validation,test}.txt; a split the corpus lacks is cut from
+       the end of train (see lib.data.split_corpus).
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import sys
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from stages.lib.data import find_table, load_labelled
+from stages.lib.data import find_corpus, find_table, load_labelled, read_lines, read_table, split_corpus
 from stages.lib.io import atomic_dir, require_dir, run_main, write_json
 from stages.lib.params import UserError, load_params
 
-PARAMS = ("data.text_column", "data.label_column", "data.label_names",
+PARAMS = ("task.type", "data.text_column", "data.label_column", "data.label_names",
           "split.val_fraction", "split.seed")
 log = logging.getLogger("qlora")
 
@@ -37,6 +39,23 @@ def stratified_split(df: pd.DataFrame, val_fraction: float,
     return train.reset_index(drop=True), val.reset_index(drop=True)
 
 
+def distinct_labels(path, label_column: str) -> list[str]:
+    """data.label_names: [] takes the train file's distinct labels, sorted."""
+    df = read_table(path)
+    if label_column not in df.columns:
+        raise UserError(f"{path}: missing column {label_column} (data.label_column)")
+    return sorted({v.strip() for v in df[label_column]} - {""})
+
+
+def split_text(raw, val_fraction: float, out: str) -> None:
+    """A text corpus's train/validation/test lines, written as .txt files."""
+    parts = split_corpus({name: read_lines(path) for name, path in find_corpus(raw).items()}, val_fraction)
+    with atomic_dir(out) as tmp:
+        for name, lines in parts.items():
+            (tmp / f"{name}.txt").write_text("".join(lines), encoding="utf-8")
+    log.info("split: %s lines -> %s", ", ".join(f"{len(v)} {k}" for k, v in parts.items()), out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", required=True)
@@ -47,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         p = load_params(args.params, PARAMS)
         raw = require_dir(args.raw, "raw dataset")
-        labels = p["data.label_names"]
+        if p["task.type"] != "classification":
+            split_text(raw, p["split.val_fraction"], args.out)
+            return
+        labels = p["data.label_names"] or distinct_labels(find_table(raw, "train"), p["data.label_column"])
         if len(set(labels)) != len(labels):
             raise UserError(f"data.label_names: duplicate names in {labels}")
         columns = (p["data.text_column"], p["data.label_column"], labels)

@@ -1,11 +1,14 @@
 """tokenize: turn the split text into token ids with the base model's tokenizer.
 
-Reads  data/split/{train,validation,test}.csv and labels.json, models/base (tokenizer),
-       params tokenize.max_length, tokenize.padding.
-Writes <out>/: a `datasets` DatasetDict (input_ids, label; read back with
-       datasets.load_from_disk) and pipeline.json (labels, max_length, padding). Sequences are
-       stored unpadded; `padding: max_length` makes every batch max_length wide, as the reference
-       recipe does, `longest` pads each batch to its longest sequence.
+Reads  data/split/ (classification: {train,validation,test}.csv and labels.json; language models:
+       {train,validation,test}.txt), models/base (tokenizer), params task.type,
+       tokenize.max_length, tokenize.padding.
+Writes <out>/: a `datasets` DatasetDict (read back with datasets.load_from_disk) and
+       pipeline.json (task, labels, max_length, padding). Classification: input_ids and label per
+       text, stored unpadded; `padding: max_length` makes every batch max_length wide, as the
+       reference recipe does, `longest` pads each batch to its longest sequence. Language models:
+       input_ids blocks of exactly max_length tokens cut from the concatenated text (masked-lm
+       keeps each line's [CLS]/[SEP]).
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import sys
 
 import datasets
 import pandas as pd
-from transformers import AutoTokenizer
 
+from stages.lib.data import token_blocks
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
-from stages.lib.model import PIPELINE_FILE
-from stages.lib.params import load_params
+from stages.lib.model import PIPELINE_FILE, load_tokenizer
+from stages.lib.params import UserError, load_params
 
-PARAMS = ("tokenize.max_length", "tokenize.padding")
+PARAMS = ("task.type", "tokenize.max_length", "tokenize.padding")
 SPLITS = ("train", "validation", "test")
 log = logging.getLogger("qlora")
 
@@ -43,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         p = load_params(args.params, PARAMS)
         split_dir = require_dir(args.split, "split dataset")
-        tokenizer = AutoTokenizer.from_pretrained(require_dir(args.base, "base model"))
+        tokenizer = load_tokenizer(require_dir(args.base, "base model"))
+        task, block = p["task.type"], p["tokenize.max_length"]
         parts = {}
-        for name in SPLITS:
+        for name in SPLITS if task == "classification" else ():
             df = pd.read_csv(split_dir / f"{name}.csv", dtype={"text": str, "label": int},
                              keep_default_na=False)
             ids = tokenize_texts(tokenizer, df["text"].tolist(), p["tokenize.max_length"])
@@ -54,11 +58,19 @@ def main(argv: list[str] | None = None) -> int:
             log.info("tokenize %s: %d rows, %d tokens, mean %.1f, max %d, %d truncated at %d",
                      name, len(ids), sum(lengths), statistics.fmean(lengths), max(lengths),
                      sum(n == p["tokenize.max_length"] for n in lengths), p["tokenize.max_length"])
+        for name in SPLITS if task != "classification" else ():
+            with (split_dir / f"{name}.txt").open(encoding="utf-8", newline="") as f:
+                blocks = token_blocks(tokenizer, f.readlines(), block, add_special_tokens=task == "masked-lm")
+            if not blocks:
+                raise UserError(f"{split_dir / name}.txt: fewer than tokenize.max_length {block} tokens "
+                                "(no whole block to train or score on)")
+            parts[name] = datasets.Dataset.from_dict({"input_ids": blocks})
+            log.info("tokenize %s: %d blocks of %d tokens", name, len(blocks), block)
         datasets.disable_progress_bars()
+        labels = read_json(split_dir / "labels.json") if task == "classification" else []
         with atomic_dir(args.out) as tmp:
             datasets.DatasetDict(parts).save_to_disk(str(tmp / "dataset"))
-            write_json(tmp / PIPELINE_FILE, {"labels": read_json(split_dir / "labels.json"),
-                                             "max_length": p["tokenize.max_length"],
+            write_json(tmp / PIPELINE_FILE, {"task": task, "labels": labels, "max_length": block,
                                              "padding": p["tokenize.padding"]})
 
     return run_main(work)

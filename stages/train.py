@@ -1,11 +1,13 @@
 """train: quantize-load the base model, attach LoRA, train, keep the best checkpoint.
 
-Reads  data/tokenized, models/base, params quant.*, lora.*, train.*.
-Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained head, tokenizer,
-       pipeline.json with the weights' sha256) and <metrics-out>/ (DVCLive: metrics.json summary,
-       per-step loss and lr, per-evaluation validation accuracy and loss; timing.json).
-The best checkpoint is the one with the highest validation accuracy, evaluated every epoch
-(and every train.eval_every_steps steps when that is > 0). Every train.checkpoint_every_steps
+Reads  data/tokenized, models/base, params task.*, quant.*, lora.*, train.*.
+Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained modules_to_save,
+       tokenizer, pipeline.json with the weights' sha256) and <metrics-out>/ (DVCLive:
+       metrics.json summary, per-step loss and lr, per-evaluation validation scores;
+       timing.json).
+The best checkpoint is the one with the best validation task.metric (accuracy, F1, loss or
+perplexity; see lib.tasks), evaluated every epoch (and every train.eval_every_steps steps when
+that is > 0). Every train.checkpoint_every_steps
 steps the loop's state goes to <checkpoint-dir>; a rerun after a kill resumes from it.
 """
 
@@ -25,19 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from stages.lib.checkpoint import Checkpoint, fingerprint, rng_states, set_rng_states
 from stages.lib.distributed import WORKER_ENV, Processes, launch
-from stages.lib.data import PackedTokens, length_grouped_batches, load_tokenized
+from stages.lib.data import length_grouped_batches, load_tokenized
 from stages.lib.io import (TIMING_FILE, atomic_dir, read_json, require_dir, run_main,
                            sha256_file, write_json)
 from stages.lib.model import (ADAPTER_WEIGHTS, PIPELINE_FILE, SOURCE_FILE, attach_lora, autocast,
-                              compute_setup, load_base, memory_hint, pad_multiple, predict_logits,
+                              compute_setup, load_base, load_tokenizer, memory_hint,
                               prepare_for_training, write_adapter_config)
+from stages.lib.tasks import Objective, describe
 from stages.lib.params import UserError, load_params
 
-PARAMS = ("quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
+PARAMS = ("task.type", "task.metric", "task.mlm_probability", "quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
           "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.modules_to_save",
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
@@ -58,17 +61,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def validate(model, tokens: PackedTokens, labels: list[int], batch_size: int,
-             device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Validation loss and accuracy; leaves the model in train mode."""
-    model.eval()
-    logits = torch.from_numpy(predict_logits(model, tokens, batch_size, device, dtype, desc="validate"))
-    model.train()
-    target = torch.tensor(labels)
-    return {"loss": torch.nn.functional.cross_entropy(logits, target).item(),
-            "accuracy": (logits.argmax(-1) == target).float().mean().item()}
-
-
 class NullLive:
     """Stands in for dvclive.Live where nothing is logged (other workers, benchmarks)."""
     step = 0
@@ -79,7 +71,7 @@ class NullLive:
 
 def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], live: Any,
           device: torch.device, dtype: torch.dtype, checkpoint: Checkpoint | None = None,
-          processes: Processes | None = None) -> dict[str, Any]:
+          processes: Processes | None = None, objective: Objective | None = None) -> dict[str, Any]:
     """The training loop; returns summary metrics. The best weights are loaded into `model`.
 
     `live` is a dvclive.Live, or anything with a `step` attribute and `log_metric(name, value)`.
@@ -88,8 +80,10 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
     masks, same optimizer moments, so it ends where an uninterrupted run would have.
     With several `processes`, every worker draws the same global batches and trains on its
     shard of each; DDP averages the gradients, so the update is that of the global batch.
+    `objective` (default: classification, best by accuracy) builds the batches and scores.
     """
     processes = processes or Processes()
+    objective = objective or Objective({"type": "classification", "metric": "accuracy"})
     (train_x, train_y), (val_x, val_y) = data["train"], data["validation"]
     # a last batch smaller than the number of workers would leave one with nothing: dropped
     full, last = divmod(len(train_x), cfg["batch_size"])
@@ -109,12 +103,13 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps),
                                                 total_steps)
     generator = torch.Generator().manual_seed(cfg["seed"])
-    train_tokens = PackedTokens(train_x, pad_id, device, min_width, pad_multiple(device), train_y)
-    val_tokens = PackedTokens(val_x, pad_id, device, min_width, pad_multiple(device))
-    eval_batch = cfg["batch_size"] * 4
+    train_tokens = objective.examples(train_x, train_y, pad_id, device, min_width)
+    val_tokens = objective.examples(val_x, val_y, pad_id, device, min_width, scoring=True)
+    # no backward pass: bigger batches fit, except where logits span a vocabulary
+    eval_batch = cfg["batch_size"] * (4 if objective.type == "classification" else 1)
     # Everything below `progress` and `best_state` is what a checkpoint must restore.
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "seen": 0, "window": [], "epoch_losses": [],
-                                "history": [], "best": {"accuracy": -1.0}, "train_time_s": 0.0}
+                                "history": [], "best": {}, "train_time_s": 0.0}
     best_state: dict[str, torch.Tensor] = {}
     resumed = checkpoint.load(device) if checkpoint else None
     if resumed:
@@ -146,13 +141,14 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
         if device.type == "cuda":
             torch.cuda.synchronize()  # queued training steps belong to training time
         begin = time.perf_counter()
-        scores = validate(model, val_tokens, val_y, eval_batch, device, dtype)
-        paused += time.perf_counter() - begin  # validate() syncs: it ends with a copy to the host
+        model.eval()
+        scores = objective.scores(model, val_tokens, val_y, eval_batch, device, dtype, desc="validate")
+        model.train()
+        paused += time.perf_counter() - begin  # scoring syncs: it ends with a copy to the host
         for name, value in scores.items():
             log_metric(f"val/{name}", value)
-        log.info("step %d: validation accuracy %.4f, loss %.4f", progress["step"], scores["accuracy"],
-                 scores["loss"])
-        if scores["accuracy"] > progress["best"]["accuracy"]:
+        log.info("step %d: validation %s", progress["step"], describe(scores))
+        if objective.better(scores, progress["best"]):
             progress["best"] = {**scores, "step": progress["step"]}
             best_state.update({n: p.detach().clone() for n, p in trainable.items()})
 
@@ -222,7 +218,7 @@ def train(model, data: dict, pad_id: int, min_width: int, cfg: dict[str, Any], l
             param.copy_(best_state[name])
     best, losses = progress["best"], progress["epoch_losses"]
     return {"train_loss": losses[-1] if losses else float("nan"),
-            "best_val_accuracy": best["accuracy"], "best_val_loss": best["loss"],
+            **{f"best_val_{name}": value for name, value in best.items() if name != "step"},
             "best_step": best["step"], "steps": progress["step"], "train_samples": progress["seen"],
             "train_time_s": round(train_time, 2),
             "samples_per_s": round(progress["seen"] / train_time, 2) if train_time else 0.0}
@@ -246,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.params}: train.batch_size {cfg['batch_size']} is not a multiple of "
                             f"train.processes {cfg['processes']} (each process takes an equal share "
                             "of every batch)")
+        task = p.section("task")
         base_dir = require_dir(args.base, "base model")
         data, meta = load_tokenized(Path(args.data))
+        if meta.get("task", "classification") != task["type"]:
+            raise UserError(f"{args.data}: tokenized for task {meta.get('task', 'classification')}, but "
+                            f"task.type is {task['type']} (run the pipeline with dvc repro)")
         if cfg["processes"] > 1 and WORKER_ENV not in os.environ:
             return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg["processes"])
         processes = Processes()
@@ -260,17 +260,19 @@ def main(argv: list[str] | None = None) -> int:
         origin = read_json(base_dir / SOURCE_FILE)
         set_seed(cfg["seed"])
         device, dtype = compute_setup(quant["compute_dtype"])
-        model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype)
+        model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype,
+                          task=task["type"])
         model = prepare_for_training(model, cfg["gradient_checkpointing"], quant["cache_dequantized"],
                                      cfg["base_dropout"])
-        model = attach_lora(model, lora)
+        model = attach_lora(model, lora, task["type"])
         if processes.count > 1:  # weights start alike (same seed); dropout masks differ per worker
             torch.manual_seed(cfg["seed"] + processes.rank)
         n_trainable, n_all = model.get_nb_trainable_parameters()
         log.info("model %s, quant %s, device %s, compute %s: %d trainable of %d parameters (%.3f%%)",
                  origin["name_or_path"], quant["type"], device, dtype, n_trainable, n_all,
                  100 * n_trainable / n_all)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer = load_tokenizer(base_dir)
+        objective = Objective(task, tokenizer)
         min_width = meta["max_length"] if meta["padding"] == "max_length" else 0
         # Resume only a run of these params, data, base model and code.
         code = Path(__file__).parent
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             with memory_hint("train.batch_size", cfg["batch_size"], " (dvc exp run -S "
                              "train.batch_size=N), or set train.gradient_checkpointing: true"):
                 return train(model, data, tokenizer.pad_token_id, min_width, cfg, live, device,
-                             dtype, checkpoint, processes)
+                             dtype, checkpoint, processes, objective)
 
         if not processes.is_main:  # trains its shards; the main process writes every output
             fit(NullLive())
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = fit(live)
             timing = {k: summary.pop(k) for k in ("train_time_s", "samples_per_s")}
             timing["peak_memory_mb"] = round(peak_memory_mb(device), 1)  # per process
-            summary.update({"model": origin["name_or_path"], "quant_type": quant["type"],
+            summary.update({"task": task["type"], "model": origin["name_or_path"], "quant_type": quant["type"],
                             "lora_r": lora["r"], "lora_alpha": lora["alpha"],
                             "trainable_params": n_trainable, "all_params": n_all,
                             "trainable_percent": round(100 * n_trainable / n_all, 4),
@@ -309,14 +311,14 @@ def main(argv: list[str] | None = None) -> int:
                 model.save_pretrained(tmp, safe_serialization=True)
                 write_adapter_config(tmp)
                 tokenizer.save_pretrained(tmp)
-                write_json(tmp / PIPELINE_FILE, {**meta, "quant": quant, "lora": lora, "train": cfg,
+                write_json(tmp / PIPELINE_FILE, {**meta, "task": task, "quant": quant, "lora": lora, "train": cfg,
                                                  "modules_to_save": lora["modules_to_save"],
                                                  "base": origin,
                                                  "sha256": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}})
         checkpoint.remove()
         processes.wait()
-        log.info("train: best validation accuracy %.4f at step %d, %.1f samples/s -> %s",
-                 summary["best_val_accuracy"], summary["best_step"], timing["samples_per_s"],
+        log.info("train: best validation %s %.4f at step %d, %.1f samples/s -> %s", task["metric"],
+                 summary[f"best_val_{task['metric']}"], summary["best_step"], timing["samples_per_s"],
                  args.adapter_out)
         return 0
 

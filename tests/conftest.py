@@ -7,6 +7,8 @@ minutes, so every stage sees a few dozen rows, 16 tokens and a 2-layer, 64-wide 
 from __future__ import annotations
 
 import copy
+import csv
+import gzip
 import os
 import shutil
 import sys
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers.py
-from helpers import LABELS, ROOT, STAGES, TINY_OVERRIDES, Pipeline, read_yaml, run_stage, set_key, write_yaml  # noqa: E402
+from helpers import INTENTS, LABELS, ROOT, STAGES, TINY_OVERRIDES, Pipeline, read_yaml, run_stage, set_key, write_yaml  # noqa: E402
 
 if str(ROOT) not in sys.path:  # `import stages` under plain `pytest` as well as `python -m pytest`
     sys.path.insert(0, str(ROOT))
@@ -121,3 +123,59 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, write_params: ParamsWrite
             status = run_stage(stage, run.argv(stage))
             assert status == 0, f"stage {stage} exited with {status}"
     yield run
+
+
+# --- the other recipes: small cuts of their data sets, small decoder stand-ins -------------
+
+@pytest.fixture(scope="session")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small cuts of the shipped data sets, in the shipped layouts."""
+    root = tmp_path_factory.mktemp("corpora")
+    wiki = root / "wikitext2"
+    wiki.mkdir()
+    for name, lines in (("train", 400), ("valid", 80), ("test", 80)):
+        text = gzip.decompress((ROOT / "data/wikitext2" / f"{name}.txt.gz").read_bytes()).decode()
+        (wiki / f"{name}.txt.gz").write_bytes(gzip.compress("".join(text.splitlines(True)[:lines]).encode()))
+    shakespeare = root / "tiny_shakespeare"
+    shakespeare.mkdir()
+    text = (ROOT / "data/tiny_shakespeare/train.txt").read_text(encoding="utf-8")
+    (shakespeare / "train.txt").write_text("".join(text.splitlines(True)[:1000]), encoding="utf-8")
+    banking = root / "banking77"
+    banking.mkdir()
+    for name, per_intent in (("train", 12), ("test", 4)):
+        with open(ROOT / "data/banking77" / f"{name}.csv", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for intent in INTENTS for r in [r for r in rows if r["label"] == intent][:per_intent]]
+        with open(banking / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(kept)
+    return {"masked-lm": wiki, "causal-lm": shakespeare, "intent-classification": banking}
+
+
+@pytest.fixture(scope="session")
+def decoder_configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """2-layer, 64-wide GPT-2 and OPT configs with the shipped stand-in tokenizer (random-init:)."""
+    from transformers import AutoConfig
+
+    out = {}
+    for name, small in (("tiny-gpt2", dict(n_layer=2, n_embd=64, n_head=2)),
+                        ("tiny-opt", dict(num_hidden_layers=2, hidden_size=64, ffn_dim=128,
+                                          num_attention_heads=2, word_embed_proj_dim=64))):
+        directory = tmp_path_factory.mktemp(name)
+        for f in (ROOT / "configs" / name).iterdir():
+            shutil.copyfile(f, directory / f.name)
+        config = AutoConfig.from_pretrained(directory)
+        for key, value in small.items():
+            setattr(config, key, value)
+        config.save_pretrained(directory)
+        out[name] = directory
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def random_init_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """random-init: models are built into a cache under XDG_CACHE_HOME: a temporary one here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield

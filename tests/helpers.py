@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 STAGES = ("download", "split", "tokenize", "train", "evaluate", "export")
+INTENTS = ("card_arrival", "lost_or_stolen_card", "exchange_rate", "top_up_failed", "pin_blocked")
 
 # Overrides that make every stage take seconds, plus the values the tests rely on (pinned, so a
 # new shipped default does not break them). The schema of the shipped params.yaml is kept: every
@@ -143,3 +144,36 @@ def leftovers(directory: Path) -> list[str]:
     if not Path(directory).is_dir():
         return []
     return sorted(p.name for p in Path(directory).iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """params.yaml as `dvc exp run -S ...` composes it from conf/ (DVC's Hydra composition)."""
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        compose_and_dump(out, str(ROOT / "conf"), None, "config", str(ROOT), overrides)
+        return read_yaml(out)
+
+
+def run_recipe(root: Path, overrides: list[str]) -> Pipeline:
+    run = Pipeline(root)
+    run.params.write_text(json.dumps(compose(overrides)), encoding="utf-8")  # JSON is YAML
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # DVCLive looks for a git/DVC repo from the working directory
+        for stage in STAGES:
+            assert run_stage(stage, run.argv(stage)) == 0, stage
+    return run
+
+
+def tiny_overrides(recipe: str, corpora: dict[str, Path], decoder_configs: dict[str, Path],
+                   tiny_model_dir: Path) -> list[str]:
+    model = {"masked-lm": str(tiny_model_dir),
+             "causal-lm": f"random-init:{decoder_configs['tiny-opt']}",
+             "intent-classification": f"random-init:{decoder_configs['tiny-gpt2']}"}[recipe]
+    return [f"task={recipe}", f"data.source={corpora[recipe]}", f"model.name_or_path={model}",
+            "tokenize.max_length=32", "quant.compute_dtype=fp32", "train.batch_size=8", "train.epochs=1",
+            "train.max_steps=4", "train.eval_every_steps=2", "train.log_every_steps=1",
+            "evaluate.batch_size=16", "generate.max_new_tokens=7"]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import ROOT, STAGES, read_yaml, set_key, write_yaml
+from helpers import ROOT, STAGES, read_yaml, set_key, tiny_overrides, write_yaml
 
 VENV_BIN = Path(sys.executable).parent
 DVC = shutil.which("dvc", path=str(VENV_BIN)) or shutil.which("dvc")
@@ -114,7 +114,12 @@ def make_repo(tmp: Path, tiny_params: dict[str, Any], tiny_data_dir: Path) -> Re
     params = json.loads(json.dumps(tiny_params))
     params["data"]["source"] = data_source
     write_yaml(root / "params.yaml", params)
+    # `dvc exp run` composes params.yaml from conf/ (Hydra): the tiny values go there too
+    conf = read_yaml(root / "conf" / "config.yaml")
+    write_yaml(root / "conf" / "config.yaml", {"defaults": conf["defaults"], **params})
     (tmp / "home").mkdir()
+    # experiments are git commits: DVC's git backends read the author from the user config
+    (tmp / "home" / ".gitconfig").write_text("[user]\n\tname = test\n\temail = test@example.com\n")
     repo = Repo(root, _env(tmp))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com",
            "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
@@ -221,6 +226,32 @@ def test_plots_show_renders_every_declared_plot(repo: Repo) -> None:
         assert f'"text": "{title}"' in html or f'"title": "{title}"' in html, title
     for value in ("Sci/Tech", "step"):  # class names in the confusion matrix, the curves' x axis
         assert value in html
+
+
+def test_recipe_switch_runs_each_task_and_exp_show_compares_them(
+        tmp_path: Path, tiny_params: dict[str, Any], tiny_data_dir: Path, corpora: dict[str, Path],
+        decoder_configs: dict[str, Path], tiny_model_dir: Path) -> None:
+    """`dvc exp run -S task=<recipe>` runs that recipe end to end; `dvc exp show` lists each
+    run's own metrics side by side (accuracy for the classifier, perplexity for the LMs)."""
+    repo = make_repo(tmp_path, tiny_params, tiny_data_dir)
+    repo.run(DVC, "exp", "run", "-n", "cls", timeout=600)
+    for recipe in ("masked-lm", "causal-lm"):
+        overrides = [o for o in tiny_overrides(recipe, corpora, decoder_configs, tiny_model_dir)
+                     if not o.startswith("task=")]
+        args = [a for o in [f"task={recipe}", *overrides] for a in ("-S", o)]
+        repo.run(DVC, "exp", "run", "-n", recipe, *args, timeout=600)
+    shown = json.loads(repo.run(DVC, "exp", "show", "--json").stdout)
+    runs = {r["name"]: r["revs"][0]["data"] for baseline in shown
+            for r in (baseline.get("experiments") or []) if r.get("name")}
+    assert set(runs) >= {"cls", "masked-lm", "causal-lm"}
+    for name, metric in (("cls", "accuracy"), ("masked-lm", "perplexity"), ("causal-lm", "perplexity")):
+        data = runs[name]
+        evaluate = data["metrics"]["metrics/evaluate/metrics.json"]["data"]
+        assert evaluate[metric] > 0, name
+        task = data["params"]["params.yaml"]["data"]["task"]["type"]
+        assert task == ("classification" if name == "cls" else name)
+        assert data["metrics"]["metrics/train/metrics.json"]["data"]["task"] == task
+    assert "perplexity" not in runs["cls"]["metrics"]["metrics/evaluate/metrics.json"]["data"]
 
 
 DOWNSTREAM_OF_TRAIN = {"train", "evaluate", "export"}

