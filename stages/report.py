@@ -3,9 +3,10 @@
     python -m stages.report --out reports/             # runs `dvc exp show --json -A`
     python -m stages.report --input exps.json --out reports/
 
-Writes <out>/experiments.md (one row per experiment: the params that differ between them, test
-accuracy and macro-F1, trainable parameters, training time and speed, peak memory), and
-<out>/accuracy_vs_trainable.png and <out>/accuracy_vs_train_time.png. Not a DVC stage: it reads
+Writes <out>/experiments.md (one row per experiment: the params that differ between them, the
+task type, test accuracy and macro-F1 or perplexity, trainable parameters, training time and
+speed, peak memory), and <out>/accuracy_vs_trainable.png and <out>/accuracy_vs_train_time.png
+(the classifiers). Not a DVC stage: it reads
 DVC's record of experiments, not pipeline outputs.
 """
 
@@ -25,8 +26,10 @@ from stages.lib.io import atomic_dir, run_main
 from stages.lib.params import UserError
 
 METRICS = {  # column -> (metrics file, key)
+    "task": ("metrics/train/metrics.json", "task"),
     "accuracy": ("metrics/evaluate/metrics.json", "accuracy"),
     "f1_macro": ("metrics/evaluate/metrics.json", "f1_macro"),
+    "perplexity": ("metrics/evaluate/metrics.json", "perplexity"),
     "trainable_percent": ("metrics/train/metrics.json", "trainable_percent"),
     "trainable_params": ("metrics/train/metrics.json", "trainable_params"),
     "train_time_s": ("metrics/train/timing.json", "train_time_s"),
@@ -66,7 +69,8 @@ def collect(exp_show: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     params = [c for c in df.columns if "." in c]
     varying = [c for c in params if df[c].astype(str).nunique() > 1]
-    return df[["experiment", *varying, *METRICS]].sort_values("accuracy", ascending=False)
+    df = df[["experiment", *varying, *METRICS]].sort_values(["accuracy", "perplexity"], ascending=[False, True])
+    return df.dropna(axis=1, how="all")  # e.g. perplexity in a sweep of classifiers
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -85,6 +89,9 @@ def scatter(df: pd.DataFrame, x: str, xlabel: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "accuracy" not in df:
+        return
+    df = df.dropna(subset=["accuracy"])  # language models have no accuracy
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.scatter(df[x], df["accuracy"], color="#6c3fc9")
     for row in df.itertuples(index=False):

@@ -47,6 +47,23 @@ def test_main_writes_the_table_and_both_plots(tmp_path: Path, capsys) -> None:
     assert "2 experiments ->" in capsys.readouterr().err
 
 
+def test_language_model_runs_sit_beside_the_classifiers(tmp_path: Path) -> None:
+    """A recipe switch in the same sweep: the perplexity column appears, the LM row sorts after
+    the classifiers, and the accuracy plots still show the classifiers."""
+    lm = _exp("clm", 8, 0.5)
+    lm["revs"][0]["data"]["metrics"]["metrics/evaluate/metrics.json"]["data"] = {"loss": 7.7, "perplexity": 2180.3}
+    lm["revs"][0]["data"]["metrics"]["metrics/train/metrics.json"]["data"]["task"] = "causal-lm"
+    exps = [{"rev": "a" * 40, "experiments": [_exp("rank-16", 16, 0.85), lm]}]
+    src = tmp_path / "exps.json"
+    src.write_text(json.dumps(exps))
+    assert report.main(["--input", str(src), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "experiments.md").read_text().splitlines()
+    assert table[0].startswith("| experiment | lora.r | task | accuracy | f1_macro | perplexity |")
+    assert table[2].startswith("| rank-16 |") and table[3].startswith("| clm | 8 | causal-lm |")
+    assert "2180" in table[3]
+    assert (tmp_path / "report" / "accuracy_vs_trainable.png").is_file()
+
+
 @pytest.mark.parametrize("content, expected", [
     ("{not json", "not valid JSON"),
     (json.dumps([{"rev": "workspace", "experiments": None}]), "no experiments with metrics to compare"),

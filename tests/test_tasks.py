@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,28 @@ def test_masks_for_scoring_are_the_same_every_time(tiny_model_dir) -> None:
     assert torch.equal(first["labels"], again["labels"])
     masked = (first["labels"] != -100).float().mean().item()
     assert 0.10 < masked < 0.20
+
+
+def test_a_hub_id_loads_through_the_hub_cache(tmp_path, decoder_configs, monkeypatch) -> None:
+    """`model.name_or_path: gpt2` takes the real hub path (snapshot_download, offline here from
+    a cache laid out as the hub writes it) and gets a GPT-2 classifier told to pad with eos."""
+    import huggingface_hub.constants
+
+    from stages.lib.model import load_base, load_tokenizer, random_init_model, resolve_model_source
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--gpt2"
+    shutil.copytree(random_init_model(decoder_configs["tiny-gpt2"]), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    directory, origin = resolve_model_source("gpt2", "main")
+    assert origin == {"kind": "hub", "repo_id": "gpt2", "revision": "main", "commit": commit,
+                      "name_or_path": "gpt2"}
+    quant = {"type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
+    model = load_base(directory, list(INTENTS), quant, ["score"], torch.device("cpu"), torch.float32)
+    tokenizer = load_tokenizer(directory)
+    assert type(model).__name__ == "GPT2ForSequenceClassification"
+    assert model.config.pad_token_id == model.config.eos_token_id == tokenizer.pad_token_id
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Linear4bit"
+    assert type(model.score).__name__ == "Linear"  # the head stays unquantized
