@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 from stages.lib.io import require_dir, run_main
 from stages.lib.model import (ADAPTER_WEIGHTS, Classifier, compute_setup, load_base,
-                              read_adapter_meta, resolve_model_source)
+                              read_adapter_meta, resolve_model_source, task_of)
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
@@ -127,6 +127,10 @@ def load_adapters(adapters: Mapping[str, Path], base_dir: Path | None = None) ->
     from transformers import AutoTokenizer
 
     metas = {name: read_adapter_meta(d, f"--adapter {name}={d}") for name, d in adapters.items()}
+    for name, meta in metas.items():
+        if task_of(meta) != "classification":
+            raise UserError(f"--adapter {name}={adapters[name]}: a {task_of(meta)} adapter; the "
+                            "server labels text with classification adapters only")
     check_compatible(adapters, metas)  # before the slow model load
     meta = next(iter(metas.values()))
     if base_dir is None:

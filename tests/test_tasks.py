@@ -171,6 +171,17 @@ def test_predict_refuses_a_language_model(recipe_run, capsys) -> None:
     assert f"a {recipe} adapter, not a classifier" in error_message(capsys.readouterr().err)
 
 
+def test_serve_refuses_a_language_model(recipe_run) -> None:
+    recipe, run = recipe_run
+    if recipe == "intent-classification":
+        pytest.skip("a classifier")
+    from stages.lib.params import UserError
+    from stages.serve import load_adapters
+
+    with pytest.raises(UserError, match=f"a {recipe} adapter; the server labels text with classification adapters only"):
+        load_adapters({"lm": run.export}, run.base)
+
+
 def test_target_module_the_model_lacks_lists_its_layers(tmp_path, corpora, decoder_configs,
                                                         tiny_model_dir, capsys) -> None:
     overrides = tiny_overrides("causal-lm", corpora, decoder_configs, tiny_model_dir)

@@ -405,14 +405,18 @@ def predict_logits(model: torch.nn.Module, tokens: PackedTokens, batch_size: int
 
 
 @dataclass
-class Classifier:
-    """A trained classifier rebuilt from an adapter directory, ready to predict."""
+class Trained:
+    """A trained model rebuilt from an adapter directory, with what it runs on."""
 
     model: torch.nn.Module
     tokenizer: Any
     meta: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
+
+
+class Classifier(Trained):
+    """A trained classifier, ready to predict."""
 
     @property
     def labels(self) -> list[str]:
@@ -499,15 +503,8 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     return Classifier(model, tokenizer, meta, device, dtype)
 
 
-@dataclass
-class LanguageModel:
-    """A trained masked or causal language model rebuilt from an adapter directory."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    meta: dict[str, Any]
-    device: torch.device
-    dtype: torch.dtype
+class LanguageModel(Trained):
+    """A trained masked or causal language model."""
 
     @property
     def task(self) -> str:
