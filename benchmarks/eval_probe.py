@@ -3,10 +3,17 @@
     python benchmarks/eval_probe.py --minilm .whl/minilm --repeat 4 --batch 1024 --out DIR
 
 Builds the random-init bert-base exactly as benchmarks/speed.py does (NF4 base, LoRA on
-query/value, adapter saved, `load_adapter(merged=True, compile=True)`), times the pipeline's own
-`classifier.logits(seqs, batch)` (the baseline), breaks its time down (host packing, batch
-plan, GPU loop; torch.profiler of one pass), then times variants of the loop in the same
-process and checks their argmax predictions against the baseline's:
+query/value, adapter saved, `load_adapter(merged=True, compile=True)`), times the inference loop
+the pipeline had up to commit 643fc06 (the baseline: length-sorted batches padded to a multiple
+of 8 with an attention mask, gathered by a per-batch index tensor copied to the GPU), breaks its
+time down (host packing, batch plan, GPU loop; torch.profiler of one pass), then times the
+pipeline's current path (`classifier.logits`, profiled too, and predict_logits at several
+min_group_rows) and variants of the loop in the same process, and checks their argmax
+predictions against the baseline's:
+
+  bucket          batches of one padded width (lengths rounded up to a multiple of 8), cut
+                  into equal parts, so no text is padded past its own width; autocast on
+  bucket-noac     the same without autocast (what the pipeline does for a merged model)
 
   pad8-fast       same batches and shapes as the baseline (sorted, padded to a multiple of 8,
                   attention_mask), but: one argsort, no per-batch index tensor copied to the GPU
@@ -48,9 +55,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from speed import LABELS, LORA, NF4, build_model_dir, load_data, peak_gib, reset_peak, save_adapter, sync  # noqa: E402
-from stages.lib.data import PackedTokens, sorted_batches  # noqa: E402
+from stages.lib.data import PackedTokens  # noqa: E402
 from stages.lib.model import (attach_lora, autocast, compute_setup, load_adapter,  # noqa: E402
-                              load_base, pad_multiple)
+                              MIN_GROUP_ROWS, load_base, pad_multiple, predict_logits)
 
 T0 = time.perf_counter()
 
@@ -81,6 +88,40 @@ def build_classifier(model_dir: Path, adapter_dir: Path, compile_eval: bool):
     return load_adapter(adapter_dir, model_dir, merged=True, compile=compile_eval)
 
 
+# --- the pipeline's inference loop up to commit 643fc06 (the baseline) ------------------
+
+def sorted_batches(lengths, batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def old_loop(model, packed: PackedTokens, batches, device, dtype):
+    out = torch.empty((len(packed), model.config.num_labels), dtype=torch.float32, device=device)
+    for b in batches:
+        with autocast(device, dtype):
+            logits = model(**packed.batch(b)).logits
+        out[torch.tensor(b, device=device)] = logits.float()  # a host copy and sync per batch
+    return out.cpu().numpy()
+
+
+def old_logits(model, seqs, pad_id: int, batch: int, device, dtype):
+    """What Classifier.logits did: pack all on the device, then the loop above."""
+    packed = PackedTokens(seqs, pad_id, device, 0, pad_multiple(device))
+    return old_loop(model, packed, sorted_batches(packed.lengths, batch), device, dtype)
+
+
+def plan_stats(tokens: PackedTokens, batch: int, min_group_rows: int) -> dict:
+    """Batches, masked batches and padded tokens of the pipeline's plan."""
+    order, batches = tokens.inference_batches(batch, min_group_rows)
+    ordered = np.asarray(tokens.lengths)[order]
+    widths = [tokens.width(int(ordered[s])) for s, _ in batches]
+    return {"batches": len(batches),
+            "masked_batches": sum(int(ordered[e - 1]) < w for (_, e), w in zip(batches, widths)),
+            "padded_tokens": int(sum((e - s) * w for (s, e), w in zip(batches, widths))),
+            "real_tokens": int(ordered.sum())}
+
+
 # --- batch plans ------------------------------------------------------------------------
 
 def plan(lengths: np.ndarray, batch: int, mode: str, multiple: int, min_group: int):
@@ -94,6 +135,14 @@ def plan(lengths: np.ndarray, batch: int, mode: str, multiple: int, min_group: i
         for s in range(0, n, batch):
             e = min(s + batch, n)
             out.append((s, e, -(-int(sl[s]) // multiple) * multiple, True))
+        return order, sl, out
+    if mode == "bucket":  # groups of one padded width (a multiple of `multiple`), cut equally
+        wl = -(-sl // multiple) * multiple
+        bounds = np.flatnonzero(np.diff(wl)) + 1
+        for s, e in zip(np.r_[0, bounds].tolist(), np.r_[bounds, n].tolist()):
+            k = -(-(e - s) // batch)
+            cuts = np.linspace(s, e, k + 1).round().astype(int).tolist()
+            out.extend((a, b, int(wl[s]), bool(sl[b - 1] < wl[s])) for a, b in zip(cuts[:-1], cuts[1:]))
         return order, sl, out
     bounds = np.flatnonzero(np.diff(sl)) + 1
     starts, ends = np.r_[0, bounds], np.r_[bounds, n]
@@ -141,7 +190,7 @@ def fast_logits(model, seqs, pad_id: int, batch: int, mode: str, device, dtype, 
         flat = np.fromiter(itertools.chain.from_iterable([seqs[i] for i in idx]), dtype=np.int64,
                            count=int(sl[s:e].sum()))
         region = host[off:off + rows * w]
-        if masked:
+        if masked or w != int(sl[s]):
             region = region.reshape(rows, w)
             region.fill(pad_id)
             region[np.arange(w) < sl[s:e, None]] = flat
@@ -255,7 +304,9 @@ def main() -> None:
     parser.add_argument("--min-group", type=int, default=128)
     parser.add_argument("--budget-s", type=float, default=380.0,
                         help="skip variants that would not finish within this many seconds of the start")
-    parser.add_argument("--variants", default="pad8-fast,exact,exact-b512,hybrid,exact-noac,freeze,cudagraph")
+    parser.add_argument("--variants", default="pipeline,bucket,bucket-noac,pad8-fast,exact,exact-b512,hybrid,exact-noac,freeze,cudagraph")
+    parser.add_argument("--min-group-rows", default="1,256,1000000000",
+                        help="predict_logits' min_group_rows values to time (huge: one padded run, as before)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -291,13 +342,14 @@ def main() -> None:
         B = args.batch
         log("classifier loaded")
 
-        # --- baseline: the pipeline's own path --------------------------------------------
+        # --- baseline: the pipeline's loop up to commit 643fc06 ------------------------------
+        baseline = lambda: old_logits(model, seqs, pad_id, B, device, dtype)  # noqa: E731
         t = time.perf_counter()
-        clf.logits(seqs, B)  # warm-up: compiles (static, then dynamic shapes)
+        baseline()  # warm-up: compiles (static, then dynamic shapes)
         log(f"baseline warm-up (compile) {time.perf_counter() - t:.1f}s")
         reset_peak(device)
-        med, times, base = time_call(lambda: clf.logits(seqs, B), device, args.reps)
-        row = {"variant": "baseline classifier.logits", "samples_per_s": len(seqs) / med, "median_s": med,
+        med, times, base = time_call(baseline, device, args.reps)
+        row = {"variant": "baseline: pipeline loop up to 643fc06", "samples_per_s": len(seqs) / med, "median_s": med,
                "times_s": times, "peak_gib": peak_gib(device), "agree": 1.0, "max_abs_logit_diff": 0.0}
         report["variants"].append(row)
         pb = base.argmax(-1)
@@ -315,15 +367,7 @@ def main() -> None:
         ts, _, batches = time_call(lambda: sorted_batches(packed.lengths, B), device, 3)
         bd["sorted_batches_s"] = ts
 
-        @torch.inference_mode()
-        def loop_with_host():  # predict_logits' loop, packed tokens given
-            out = torch.empty((len(packed), model.config.num_labels), dtype=torch.float32, device=device)
-            for b in batches:
-                with autocast(device, dtype):
-                    logits = model(**packed.batch(b)).logits
-                out[torch.tensor(b, device=device)] = logits.float()
-            return out.cpu().numpy()
-        tl, _, _ = time_call(loop_with_host, device, 3)
+        tl, _, _ = time_call(lambda: old_loop(model, packed, batches, device, dtype), device, 3)
         bd["loop_incl_per_batch_host_work_s"] = tl
         with torch.inference_mode():
             pre = [(packed.batch(b), torch.tensor(b, device=device)) for b in batches]
@@ -347,8 +391,7 @@ def main() -> None:
         pre.clear()
         save()
         try:
-            report["profile_baseline"] = profile(lambda: clf.logits(seqs, B), device,
-                                                 args.out / "profile_baseline.txt")
+            report["profile_baseline"] = profile(baseline, device, args.out / "profile_baseline.txt")
             log("profile baseline", json.dumps(report["profile_baseline"], indent=1))
         except Exception as e:  # noqa: BLE001
             report["errors"]["profile_baseline"] = repr(e)
@@ -394,6 +437,30 @@ def main() -> None:
             return lambda d: fast_logits(m, seqs, pad_id, batch, mode, device, dtype, stats=d, **kw)
 
         wanted = args.variants.split(",")
+        if "pipeline" in wanted:  # the pipeline's current path, and its one constant varied
+            r = run_variant("pipeline classifier.logits (current)", lambda: clf.logits(seqs, B), 90,
+                            lambda d: d.update(plan_stats(PackedTokens(seqs, pad_id, device, 0, mult),
+                                                          B, MIN_GROUP_ROWS)))
+            if r is not None:
+                report["pipeline_samples_per_s"] = r["samples_per_s"]
+                try:
+                    report["profile_pipeline"] = profile(lambda: clf.logits(seqs, B), device,
+                                                         args.out / "profile_pipeline.txt")
+                    log("profile pipeline", json.dumps(report["profile_pipeline"], indent=1))
+                except Exception as e:  # noqa: BLE001
+                    report["errors"]["profile_pipeline"] = repr(e)
+            for rows in map(int, args.min_group_rows.split(",")):
+                run_variant(f"pipeline predict_logits min_group_rows={rows}",
+                            lambda rows=rows: predict_logits(
+                                model, PackedTokens(seqs, pad_id, device, 0, mult), B, device, dtype,
+                                min_group_rows=rows), 15,
+                            lambda d, rows=rows: d.update(plan_stats(PackedTokens(seqs, pad_id, device, 0, mult),
+                                                                     B, rows)))
+        for name, ac in (("bucket", True), ("bucket-noac", False)):
+            if name in wanted:
+                run_variant(f"{name} (groups of one padded width, cut equally; autocast {ac})",
+                            fl(model, "bucket", multiple=mult, use_autocast=ac), 60,
+                            st(model, "bucket", multiple=mult, use_autocast=ac))
         if "pad8-fast" in wanted:
             run_variant("pad8-fast (same shapes, no per-batch sync, pinned overlapped packing)",
                         fl(model, "pad", multiple=mult), 15, st(model, "pad", multiple=mult))

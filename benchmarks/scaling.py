@@ -30,6 +30,13 @@ from stages.lib.distributed import Processes  # noqa: E402
 from stages.train import NullLive, train  # noqa: E402
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["bert-base", "minilm"], default="bert-base")
@@ -44,6 +51,12 @@ def main() -> None:
 
     processes = Processes()
     speed_run = args.model == "bert-base"
+    if args.compile:
+        # Batch widths change every step: the pipeline's compiled graph becomes dynamic after its
+        # first recompile anyway. Start there. (Two recompiles remain, both in the warm-up epoch,
+        # as TORCH_LOGS=recompiles showed on the H100s: the first forward sets
+        # config.problem_type, and the epoch's short last batch fails a size guard.)
+        torch._dynamo.config.assume_static_by_default = False
     with tempfile.TemporaryDirectory() as tmp:
         # the main worker writes the model (save_pretrained writes on the main process only)
         shared = Path(processes.gather(tmp)[0])
@@ -70,11 +83,16 @@ def main() -> None:
            "checkpoint_every_steps": 0, "group_by_length": True, "gradient_checkpointing": False,
            "compile": args.compile}
     if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
-        train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 4}, NullLive(),
-              device, dtype, processes=processes)
+        # Compiled, every batch width and the epoch's short last batch must have been seen: a new
+        # shape can recompile, which inside the timed epochs would count as training time. One
+        # whole epoch has them all (graphs_compiled_in_timed_run checks); eager, a few steps do.
+        train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 0 if args.compile else 4},
+              NullLive(), device, dtype, processes=processes)
     reset_peak(device)
+    graphs = compiled_graphs()
     summary = train(model, data, pad_id, 0, cfg, NullLive(), device, dtype,
                     processes=processes)
+    recompiled = max(processes.gather(compiled_graphs() - graphs))
     peaks = processes.gather(peak_gib(device))
     if processes.is_main:
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -82,8 +100,12 @@ def main() -> None:
                           "global_batch": args.global_batch, "per_process_batch": args.global_batch // processes.count,
                           "compile": args.compile, "train_samples": summary["train_samples"],
                           "samples_per_s": summary["samples_per_s"], "peak_gib_per_process": max(peaks),
-                          "best_val_accuracy": summary["best_val_accuracy"]}), flush=True)
+                          "best_val_accuracy": summary["best_val_accuracy"],
+                          "graphs_compiled_in_timed_run": recompiled}), flush=True)
     processes.wait()
+    if torch.distributed.is_initialized():
+        # release NCCL before exit: a 2-GPU run on the H100s printed its line, then never exited
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

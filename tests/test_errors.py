@@ -309,9 +309,10 @@ OUT_OF_MEMORY = {
 
 def fail_batches(monkeypatch: pytest.MonkeyPatch, error: type, text: str) -> None:
     """Every batch fails to allocate, as a batch too large for the device would."""
-    def batch(self, indices):
+    def batch(self, *args):
         raise error(text)
-    monkeypatch.setattr(PackedTokens, "batch", batch)
+    monkeypatch.setattr(PackedTokens, "batch", batch)  # training batches
+    monkeypatch.setattr(PackedTokens, "rows", batch)  # inference batches
 
 
 @pytest.mark.parametrize("kind", OUT_OF_MEMORY)

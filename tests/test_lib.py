@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import LABELS
-from stages.lib.data import length_grouped_batches, parse_labels, sorted_batches
+from stages.lib.data import PackedTokens, length_grouped_batches, parse_labels
 from stages.lib.io import atomic_dir, atomic_file
 from stages.lib.params import UserError
 
@@ -27,8 +27,44 @@ def test_length_grouped_batches_cover_every_example_once(group: bool) -> None:
     assert batches == again and batches != other
 
 
-def test_sorted_batches_run_longest_first() -> None:
-    assert sorted_batches([3, 1, 2, 5], 2) == [[3, 0], [2, 1]]
+def packed(lengths: list[int], multiple_of: int = 1, min_width: int = 0) -> PackedTokens:
+    """Token ids 1..n per example (0 pads), on the CPU."""
+    return PackedTokens([list(range(1, n + 1)) for n in lengths], 0, torch.device("cpu"),
+                        min_width, multiple_of)
+
+
+def test_inference_batches_run_longest_first() -> None:
+    order, batches = packed([3, 1, 2, 5]).inference_batches(2, min_rows=10)
+    assert order.tolist() == [3, 0, 2, 1] and batches == [(0, 2), (2, 4)]
+
+
+def test_inference_batches_group_widths_and_stay_bounded() -> None:
+    """Every example once, no batch over batch_size; a group of one width and at least min_rows
+    examples has batches of its own, cut equally; smaller groups share padded batches."""
+    lengths = [5] * 7 + [4] + [3] * 3 + [2] * 5
+    order, batches = packed(lengths).inference_batches(4, min_rows=5)
+    assert sorted(order.tolist()) == list(range(len(lengths)))
+    assert order.tolist()[:7] == list(range(7))  # stable: equal lengths keep their input order
+    assert batches == [(0, 4), (4, 7), (7, 11), (11, 14), (14, 16)]
+    # on a GPU (widths rounded up to a multiple of 8) they are all one group of width 8
+    order, batches = packed(lengths, multiple_of=8).inference_batches(4, min_rows=5)
+    assert batches == [(0, 4), (4, 8), (8, 12), (12, 16)]
+
+
+def test_rows_mask_only_padded_batches() -> None:
+    """A batch whose rows fill its width runs without a mask; otherwise the mask hides the
+    padding; the ids are those of the examples in the order given."""
+    tokens = packed([2, 3, 3, 1])
+    order, _ = tokens.inference_batches(8, min_rows=1)
+    ordered = tokens.reordered(order)
+    assert order.tolist() == [1, 2, 0, 3] and ordered.lengths == [3, 3, 2, 1]
+    full = ordered.rows(0, 2)
+    assert list(full) == ["input_ids"] and full["input_ids"].tolist() == [[1, 2, 3], [1, 2, 3]]
+    padded = ordered.rows(1, 4)
+    assert padded["input_ids"].tolist() == [[1, 2, 3], [1, 2, 0], [1, 0, 0]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
+    wide = packed([3, 3], multiple_of=8).rows(0, 2)  # rounded up to 8: padded, so masked
+    assert wide["input_ids"].shape == (2, 8) and wide["attention_mask"].sum().item() == 6
 
 
 def test_parse_labels_accepts_names_and_ids() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import gzip
 import itertools
@@ -211,12 +212,6 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int,
     return batches
 
 
-def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Batches of examples sorted by length, longest first: for evaluation, order is free."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
 class PackedTokens:
     """A split's token ids as one padded tensor on the device: a batch is one gather, not a
     Python loop and a host-to-device copy per step."""
@@ -254,6 +249,59 @@ class PackedTokens:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.labels is not None:
             batch["labels"] = self.labels[index]
+        return batch
+
+    def inference_batches(self, batch_size: int, min_rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The order to run examples in for inference (longest first, stable) and its batches,
+        as (start, end) over that order; none holds more than `batch_size` examples.
+
+        Examples are grouped by padded width (`width`): a group of at least `min_rows` makes its
+        own batches (cut into equal parts), so no example is padded past its own width, and
+        where the width is the length itself (multiple_of 1, the CPU) nothing is padded at all.
+        Smaller groups, adjacent in the order, share batches padded to their longest example.
+        """
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        widths = np.array([self.width(n) for n in lengths[order].tolist()], dtype=np.int64)
+        bounds = np.flatnonzero(np.diff(widths)) + 1
+        batches: list[tuple[int, int]] = []
+        shared_from = None  # start of the current run of small groups
+
+        def cut_shared(end: int) -> None:
+            if shared_from is not None:
+                batches.extend((s, min(s + batch_size, end)) for s in range(shared_from, end, batch_size))
+
+        for start, end in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(widths)].tolist()):
+            if end - start < min_rows:
+                shared_from = start if shared_from is None else shared_from
+                continue
+            cut_shared(start)
+            shared_from = None
+            parts = -(-(end - start) // batch_size)  # equal parts, not full batches and a small rest
+            cuts = np.linspace(start, end, parts + 1).round().astype(int).tolist()
+            batches.extend(zip(cuts[:-1], cuts[1:]))
+        cut_shared(len(widths))
+        return order, batches
+
+    def reordered(self, order: np.ndarray) -> PackedTokens:
+        """The same examples in `order`: one gather on the device."""
+        new = copy.copy(self)
+        index = torch.from_numpy(np.ascontiguousarray(order)).to(self.ids.device)
+        new.lengths = [self.lengths[i] for i in order.tolist()]
+        new.ids, new.device_lengths = self.ids[index], self.device_lengths[index]
+        new.labels = None if self.labels is None else self.labels[index]
+        return new
+
+    def rows(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask of rows start:end, which must be sorted longest first
+        (`reordered`): slices, so nothing is copied from the host. Rows that all fill the
+        batch's width get no mask: it would hide nothing, and without one SDPA can take its
+        flash kernel."""
+        width = self.width(self.lengths[start])
+        batch = {"input_ids": self.ids[start:end, :width]}
+        if self.lengths[end - 1] < width:
+            positions = torch.arange(width, device=self.ids.device)
+            batch["attention_mask"] = (positions < self.device_lengths[start:end, None]).long()
         return batch
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.lib.data import PackedTokens, sorted_batches
+from stages.lib.data import PackedTokens
 from stages.lib.io import read_json, sha256_file, verify_sha256, write_json
 from stages.lib.params import UserError
 
@@ -391,17 +391,37 @@ def upcast_trainable(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
+# A padded width shared by fewer texts than this would make batches too small to keep a GPU busy:
+# such texts share batches with their neighbours in length instead.
+MIN_GROUP_ROWS = 64
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, tokens: PackedTokens, batch_size: int,
-                   device: torch.device, dtype: torch.dtype, desc: str = "predict") -> np.ndarray:
-    """Logits in input order; batches run longest-first to waste little on padding."""
+                   device: torch.device, dtype: torch.dtype, desc: str = "predict",
+                   min_group_rows: int = MIN_GROUP_ROWS) -> np.ndarray:
+    """Logits in input order.
+
+    Texts run longest first, in batches of at most `batch_size` texts of one padded width
+    (PackedTokens.inference_batches: on a GPU, lengths rounded up to a multiple of 8; on the
+    CPU, one length and no padding). The tokens are sorted once on the device and each batch is
+    a slice of them, so the host queues batch after batch without waiting for the GPU; the
+    logits come back in one copy, and are put back in input order on the host.
+    """
+    order, batches = tokens.inference_batches(batch_size, min_group_rows)
+    ordered = tokens.reordered(order)
+    # A merged model holds every weight in the compute dtype, and autocast would only make the
+    # LayerNorm outputs, and so the residual stream, fp32: twice the bytes through every
+    # element-wise kernel. Models with fp32 weights (LoRA, the head) need it.
+    mixed = any(p.dtype != dtype for p in model.parameters())
     out = torch.empty((len(tokens), model.config.num_labels), dtype=torch.float32, device=device)
-    for batch in tqdm(sorted_batches(tokens.lengths, batch_size), desc=desc, unit="batch",
-                      disable=None, leave=False):
-        with autocast(device, dtype):
-            logits = model(**tokens.batch(batch)).logits
-        out[torch.tensor(batch, device=device)] = logits.float()
-    return out.cpu().numpy()  # one copy back, one sync, at the end
+    for start, end in tqdm(batches, desc=desc, unit="batch", disable=None, leave=False):
+        with autocast(device, dtype) if mixed else nullcontext():
+            logits = model(**ordered.rows(start, end)).logits
+        out[start:end] = logits.float()
+    result = np.empty(out.shape, dtype=np.float32)
+    result[order] = out.cpu().numpy()  # one copy back, one sync, at the end
+    return result
 
 
 @dataclass
