@@ -22,6 +22,17 @@ from helpers import INTENTS, ROOT, STAGES, Pipeline, compose, error_message, rea
 RECIPES = ("classification", "intent-classification", "masked-lm", "causal-lm")
 
 
+def run_recipe(root: Path, overrides: list[str]) -> Pipeline:
+    """Every stage in-process, on params composed from the recipe plus `overrides`."""
+    run = Pipeline(root)
+    run.params.write_text(json.dumps(compose(overrides)), encoding="utf-8")  # JSON is YAML
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # DVCLive looks for a git/DVC repo from the working directory
+        for stage in STAGES:
+            assert run_stage(stage, run.argv(stage)) == 0, stage
+    return run
+
+
 @pytest.fixture(scope="module", params=("masked-lm", "causal-lm", "intent-classification"))
 def recipe_run(request, tmp_path_factory, corpora, decoder_configs, tiny_model_dir) -> tuple[str, Pipeline]:
     recipe = request.param

@@ -20,7 +20,7 @@ import torch
 from sklearn.metrics import f1_score
 from tqdm import tqdm
 
-from stages.lib.data import PackedTokens, sorted_batches
+from stages.lib.data import PackedTokens
 from stages.lib.model import autocast, pad_multiple, predict_logits
 
 SCORE_SEED = 1234
@@ -101,9 +101,9 @@ def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_siz
                           device: torch.device, dtype: torch.dtype, desc: str = "score") -> dict[str, float]:
     """Mean cross-entropy per predicted token, and its exp (perplexity)."""
     total, count = 0.0, 0
-    for batch in tqdm(sorted_batches(blocks.lengths, batch_size), desc=desc, unit="batch",
-                      disable=None, leave=False):
-        inputs = blocks.batch(batch)
+    starts = range(0, len(blocks), batch_size)  # equal-length blocks: any order, no padding
+    for start in tqdm(starts, desc=desc, unit="batch", disable=None, leave=False):
+        inputs = blocks.batch(range(start, min(start + batch_size, len(blocks))))
         with autocast(device, dtype):
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         labels = inputs["labels"]
