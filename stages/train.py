@@ -7,15 +7,14 @@ Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained module
        timing.json).
 The best checkpoint is the one with the best validation task.metric (accuracy, F1, loss or
 perplexity; see lib.tasks), evaluated every epoch (and every train.eval_every_steps steps when
-that is > 0). Every train.checkpoint_every_steps
-steps the loop's state goes to <checkpoint-dir>; a rerun after a kill resumes from it.
+that is > 0). Every train.checkpoint_every_steps steps the loop's state goes to
+<checkpoint-dir>; a rerun after a kill resumes from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import resource
@@ -40,7 +39,8 @@ from stages.lib.model import (ADAPTER_WEIGHTS, PIPELINE_FILE, SOURCE_FILE, attac
 from stages.lib.tasks import Objective, describe
 from stages.lib.params import UserError, load_params
 
-PARAMS = ("task.type", "task.metric", "task.mlm_probability", "quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
+PARAMS = ("task.type", "task.metric", "task.mlm_probability",
+          "quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
           "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.modules_to_save",
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +161,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
 
 
 def run_recipe(root: Path, overrides: list[str]) -> Pipeline:
+    """Every stage in-process, on params composed from the recipe plus `overrides`."""
     run = Pipeline(root)
     run.params.write_text(json.dumps(compose(overrides)), encoding="utf-8")  # JSON is YAML
     with pytest.MonkeyPatch.context() as mp:

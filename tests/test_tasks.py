@@ -12,25 +12,14 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from helpers import INTENTS, ROOT, STAGES, Pipeline, compose, error_message, read_yaml, run_stage, tiny_overrides
+from helpers import (INTENTS, ROOT, STAGES, Pipeline, compose, error_message, read_yaml, run_recipe,
+                     run_stage, tiny_overrides)
 
 RECIPES = ("classification", "intent-classification", "masked-lm", "causal-lm")
-
-
-def run_recipe(root: Path, overrides: list[str]) -> Pipeline:
-    """Every stage in-process, on params composed from the recipe plus `overrides`."""
-    run = Pipeline(root)
-    run.params.write_text(json.dumps(compose(overrides)), encoding="utf-8")  # JSON is YAML
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # DVCLive looks for a git/DVC repo from the working directory
-        for stage in STAGES:
-            assert run_stage(stage, run.argv(stage)) == 0, stage
-    return run
 
 
 @pytest.fixture(scope="module", params=("masked-lm", "causal-lm", "intent-classification"))
