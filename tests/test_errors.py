@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import ROOT, Pipeline, error_message, leftovers, run_stage
-from stages.lib.data import PackedTokens
+from stages.lib.data import PackedTokens, StreamedTokens
 from stages.lib.model import load_adapter
 from stages.lib.params import UserError
 
@@ -312,7 +312,8 @@ def fail_batches(monkeypatch: pytest.MonkeyPatch, error: type, text: str) -> Non
     def batch(self, *args):
         raise error(text)
     monkeypatch.setattr(PackedTokens, "batch", batch)  # training batches
-    monkeypatch.setattr(PackedTokens, "rows", batch)  # inference batches
+    monkeypatch.setattr(PackedTokens, "rows", batch)  # validation batches
+    monkeypatch.setattr(StreamedTokens, "rows", batch)  # evaluate, predict and serve batches
 
 
 @pytest.mark.parametrize("kind", OUT_OF_MEMORY)

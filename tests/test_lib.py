@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import LABELS
-from stages.lib.data import PackedTokens, length_grouped_batches, parse_labels
+from stages.lib.data import PackedTokens, StreamedTokens, length_grouped_batches, parse_labels
 from stages.lib.io import atomic_dir, atomic_file
 from stages.lib.params import UserError
 
@@ -51,10 +51,15 @@ def test_inference_batches_group_widths_and_stay_bounded() -> None:
     assert batches == [(0, 4), (4, 8), (8, 12), (12, 16)]
 
 
-def test_rows_mask_only_padded_batches() -> None:
+@pytest.mark.parametrize("store", [PackedTokens, StreamedTokens])
+def test_rows_mask_only_padded_batches(store) -> None:
     """A batch whose rows fill its width runs without a mask; otherwise the mask hides the
-    padding; the ids are those of the examples in the order given."""
-    tokens = packed([2, 3, 3, 1])
+    padding; the ids are those of the examples in the order given. Packed on the device once
+    or on the host per batch, the batches are the same."""
+    def tokens_of(lengths, multiple_of=1):
+        return store([list(range(1, n + 1)) for n in lengths], 0, torch.device("cpu"), 0, multiple_of)
+
+    tokens = tokens_of([2, 3, 3, 1])
     order, _ = tokens.inference_batches(8, min_rows=1)
     ordered = tokens.reordered(order)
     assert order.tolist() == [1, 2, 0, 3] and ordered.lengths == [3, 3, 2, 1]
@@ -63,7 +68,8 @@ def test_rows_mask_only_padded_batches() -> None:
     padded = ordered.rows(1, 4)
     assert padded["input_ids"].tolist() == [[1, 2, 3], [1, 2, 0], [1, 0, 0]]
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]
-    wide = packed([3, 3], multiple_of=8).rows(0, 2)  # rounded up to 8: padded, so masked
+    assert padded["input_ids"].dtype == padded["attention_mask"].dtype == torch.int64
+    wide = tokens_of([3, 3], multiple_of=8).rows(0, 2)  # rounded up to 8: padded, so masked
     assert wide["input_ids"].shape == (2, 8) and wide["attention_mask"].sum().item() == 6
 
 

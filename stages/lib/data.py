@@ -212,24 +212,22 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int,
     return batches
 
 
-class PackedTokens:
-    """A split's token ids as one padded tensor on the device: a batch is one gather, not a
-    Python loop and a host-to-device copy per step."""
+def pad_rows(sequences: Sequence[Sequence[int]], lengths: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Write `sequences` left-aligned into `out` (already filled with the pad id): one vectorised
+    scatter, not a loop per row. Returns the mask of the positions written."""
+    filled = np.arange(out.shape[1]) < lengths[:, None]
+    out[filled] = np.fromiter(itertools.chain.from_iterable(sequences), dtype=out.dtype,
+                              count=int(lengths.sum()))
+    return filled
 
-    def __init__(self, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device,
-                 min_width: int = 0, multiple_of: int = 1, labels: Sequence[int] | None = None):
-        self.lengths = [len(s) for s in sequences]
-        self.min_width, self.multiple_of = min_width, multiple_of
-        width = self.width(max(self.lengths, default=0))
-        lengths = np.array(self.lengths)
-        # one vectorised scatter, not a loop per row: predict packs every input this way
-        ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
-        ids[np.arange(width) < lengths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
-        ids = torch.from_numpy(ids)
-        self.ids = ids.to(device)
-        self.device_lengths = torch.tensor(self.lengths, device=device)
-        self.labels = None if labels is None else torch.tensor(labels, device=device)
+
+class TokenBatches:
+    """What the two token stores below share: sequence lengths, the padded width of a batch, and
+    the inference plan."""
+
+    lengths: list[int]
+    min_width: int
+    multiple_of: int
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -237,19 +235,6 @@ class PackedTokens:
     def width(self, longest: int) -> int:
         """The padded width for a longest sequence: at least min_width, a multiple of multiple_of."""
         return -(-max(self.min_width, longest) // self.multiple_of) * self.multiple_of
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask (and labels, if given) for `indices`, padded to the batch's
-        longest sequence (at least min_width), rounded up to multiple_of."""
-        width = self.width(max(self.lengths[i] for i in indices))
-        index = torch.tensor(indices, device="cpu").to(self.ids.device, non_blocking=True)
-        input_ids = self.ids[index, :width]
-        positions = torch.arange(width, device=self.ids.device)
-        attention_mask = (positions < self.device_lengths[index, None]).long()
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.labels is not None:
-            batch["labels"] = self.labels[index]
-        return batch
 
     def inference_batches(self, batch_size: int, min_rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """The order to run examples in for inference (longest first, stable) and its batches,
@@ -262,7 +247,7 @@ class PackedTokens:
         """
         lengths = np.asarray(self.lengths, dtype=np.int64)
         order = np.argsort(-lengths, kind="stable")
-        widths = np.array([self.width(n) for n in lengths[order].tolist()], dtype=np.int64)
+        widths = -(-np.maximum(lengths[order], self.min_width) // self.multiple_of) * self.multiple_of
         bounds = np.flatnonzero(np.diff(widths)) + 1
         batches: list[tuple[int, int]] = []
         shared_from = None  # start of the current run of small groups
@@ -282,6 +267,35 @@ class PackedTokens:
             batches.extend(zip(cuts[:-1], cuts[1:]))
         cut_shared(len(widths))
         return order, batches
+
+
+class PackedTokens(TokenBatches):
+    """A split's token ids as one padded tensor on the device: a batch is one gather, not a
+    Python loop and a host-to-device copy per step. For data used again and again (training,
+    validation)."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                 min_width: int = 0, multiple_of: int = 1, labels: Sequence[int] | None = None):
+        self.lengths = [len(s) for s in sequences]
+        self.min_width, self.multiple_of = min_width, multiple_of
+        ids = np.full((len(sequences), self.width(max(self.lengths, default=0))), pad_id, dtype=np.int64)
+        pad_rows(sequences, np.array(self.lengths, dtype=np.int64), ids)
+        self.ids = torch.from_numpy(ids).to(device)
+        self.device_lengths = torch.tensor(self.lengths, device=device)
+        self.labels = None if labels is None else torch.tensor(labels, device=device)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask (and labels, if given) for `indices`, padded to the batch's
+        longest sequence (at least min_width), rounded up to multiple_of."""
+        width = self.width(max(self.lengths[i] for i in indices))
+        index = torch.tensor(indices, device="cpu").to(self.ids.device, non_blocking=True)
+        input_ids = self.ids[index, :width]
+        positions = torch.arange(width, device=self.ids.device)
+        attention_mask = (positions < self.device_lengths[index, None]).long()
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index]
+        return batch
 
     def reordered(self, order: np.ndarray) -> PackedTokens:
         """The same examples in `order`: one gather on the device."""
@@ -303,6 +317,41 @@ class PackedTokens:
             positions = torch.arange(width, device=self.ids.device)
             batch["attention_mask"] = (positions < self.device_lengths[start:end, None]).long()
         return batch
+
+
+class StreamedTokens(TokenBatches):
+    """Token ids kept as lists on the host, each batch packed only when it is asked for (`rows`):
+    for data run once (evaluate, predict, serve). On a GPU a batch is packed into pinned memory
+    and copied without waiting, so the host packs the next batch while the GPU runs this one,
+    and the first batch starts without waiting for the whole input to be packed."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                 min_width: int = 0, multiple_of: int = 1):
+        self.sequences, self.lengths = sequences, [len(s) for s in sequences]
+        self.pad_id, self.device = pad_id, device
+        self.min_width, self.multiple_of = min_width, multiple_of
+
+    def reordered(self, order: np.ndarray) -> StreamedTokens:
+        """The same examples in `order` (a reordered list; nothing is copied)."""
+        new = copy.copy(self)
+        new.sequences = [self.sequences[i] for i in order.tolist()]
+        new.lengths = [self.lengths[i] for i in order.tolist()]
+        return new
+
+    def rows(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        """As PackedTokens.rows: rows start:end, sorted longest first, masked only if padded."""
+        lengths = np.array(self.lengths[start:end], dtype=np.int64)
+        width = self.width(int(lengths[0]))
+        pinned = self.device.type == "cuda"
+        ids = torch.full((end - start, width), self.pad_id, dtype=torch.int64, pin_memory=pinned)
+        filled = pad_rows(self.sequences[start:end], lengths, ids.numpy())
+        batch = {"input_ids": ids}
+        if lengths[-1] < width:
+            batch["attention_mask"] = torch.empty(filled.shape, dtype=torch.int64, pin_memory=pinned)
+            batch["attention_mask"].numpy()[:] = filled
+        # from pinned memory, non_blocking returns at once; the caching host allocator keeps
+        # the buffer until the copy has run
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
 def load_tokenized(directory: Path) -> tuple[dict[str, tuple[list[list[int]], list[int] | None]], dict]:

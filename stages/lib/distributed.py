@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,13 @@ class Processes:
         """This worker's part of a global batch. Strided, so each worker gets texts of every
         length in a length-sorted batch."""
         return list(batch[self.rank::self.count])
+
+    def no_sync(self, module: torch.nn.Module, skip: bool) -> AbstractContextManager:
+        """With `skip`, a backward pass inside this context keeps its gradients on this worker
+        (accumulated for a later one) instead of averaging them across workers."""
+        if self.count == 1 or not skip:
+            return nullcontext()
+        return self.accelerator.no_sync(module)
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         return value if self.count == 1 else self.accelerator.reduce(value, "mean")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.lib.data import PackedTokens
+from stages.lib.data import PackedTokens, StreamedTokens
 from stages.lib.io import read_json, sha256_file, verify_sha256, write_json
 from stages.lib.params import UserError
 
@@ -264,7 +264,9 @@ def load_base(base_dir: Path, labels: Sequence[str], quant: dict[str, Any],
     hf_logging.disable_progress_bar()  # a bar for a one-second load is noise in `dvc repro`
     head = {}
     if task == "classification":
+        # as the first forward would set it; set here, a compiled graph need not be recompiled
         head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    problem_type="single_label_classification",
                     label2id={name: i for i, name in enumerate(labels)},
                     ignore_mismatched_sizes=True)  # a base with a head of another size gets a new one
     try:
@@ -397,16 +399,17 @@ MIN_GROUP_ROWS = 64
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, tokens: PackedTokens, batch_size: int,
+def predict_logits(model: torch.nn.Module, tokens: PackedTokens | StreamedTokens, batch_size: int,
                    device: torch.device, dtype: torch.dtype, desc: str = "predict",
                    min_group_rows: int = MIN_GROUP_ROWS) -> np.ndarray:
     """Logits in input order.
 
     Texts run longest first, in batches of at most `batch_size` texts of one padded width
     (PackedTokens.inference_batches: on a GPU, lengths rounded up to a multiple of 8; on the
-    CPU, one length and no padding). The tokens are sorted once on the device and each batch is
-    a slice of them, so the host queues batch after batch without waiting for the GPU; the
-    logits come back in one copy, and are put back in input order on the host.
+    CPU, one length and no padding). Each batch is a slice of tokens sorted once on the device
+    (PackedTokens) or packed on the host as it is needed (StreamedTokens); either way the host
+    queues batch after batch without waiting for the GPU. The logits come back in one copy, and
+    are put back in input order on the host.
     """
     order, batches = tokens.inference_batches(batch_size, min_group_rows)
     ordered = tokens.reordered(order)
@@ -454,8 +457,8 @@ class Classifier(Trained):
         if len(sequences) == 0:
             raise UserError("nothing to predict: no input texts")
         min_width = self.meta["max_length"] if self.meta["padding"] == "max_length" else 0
-        tokens = PackedTokens(sequences, self.tokenizer.pad_token_id, self.device, min_width,
-                              pad_multiple(self.device))
+        tokens = StreamedTokens(sequences, self.tokenizer.pad_token_id, self.device, min_width,
+                                pad_multiple(self.device))
         return predict_logits(self.model, tokens, batch_size, self.device, self.dtype, desc)
 
 
@@ -500,8 +503,10 @@ def _load_trained(adapter_dir: Path, meta: dict[str, Any], base_dir: str | Path 
     if merged:
         model = model.merge_and_unload().to(device=device, dtype=dtype)
     model.eval()
-    if compile:
-        model = torch.compile(model)
+    if compile:  # per region, as in training (stages.train): the layers share one graph
+        from accelerate.utils import compile_regions
+
+        model = compile_regions(model)
     return model, load_tokenizer(adapter_dir), device, dtype
 
 

@@ -105,6 +105,7 @@ class Train:
     base_dropout: bool = rule()
     compile: bool = rule()
     processes: int = rule(ge=1)
+    gradient_accumulation_steps: int = rule(ge=1)
 
 
 @dataclass(frozen=True)
