@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
