@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (bert-base)")
     parser.add_argument("--repeat", type=int, default=16,
-                        help="repeat the train texts (bert-base): 16 gives 63,984 a timed epoch")
+                        help="repeat the train texts (bert-base): 16 gives 63,984, cut to whole global batches")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--limit", type=int, default=0, help="use only this many texts (CPU smoke runs)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -86,9 +86,9 @@ def main() -> None:
     speed_run = args.model == "bert-base"
     if args.compile:
         # Batch widths change every step: the pipeline's compiled graph becomes dynamic after its
-        # first recompile anyway. Start there. (Two recompiles remain, both in the warm-up epoch,
-        # as TORCH_LOGS=recompiles showed on the H100s: the first forward sets
-        # config.problem_type, and the epoch's short last batch fails a size guard.)
+        # first recompile anyway. Start there. (On the H100s TORCH_LOGS=recompiles showed two
+        # more: the first forward set config.problem_type, which load_base now sets, and a short
+        # last batch failed a size guard; speed runs now have none.)
         torch._dynamo.config.assume_static_by_default = False
     with tempfile.TemporaryDirectory() as tmp:
         # the main worker writes the model (save_pretrained writes on the main process only)
@@ -121,7 +121,7 @@ def main() -> None:
            "checkpoint_every_steps": 0, "group_by_length": True, "gradient_checkpointing": False,
            "compile": args.compile, "gradient_accumulation_steps": accumulation}
     if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
-        # Compiled, every batch width and the epoch's short last batch must have been seen: a new
+        # Compiled, every batch width must have been seen: a new
         # shape can recompile, which inside the timed epochs would count as training time. One
         # whole epoch has them all (graphs_compiled_in_timed_run checks); eager, a few steps do.
         train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 0 if args.compile else 4},
