@@ -232,9 +232,11 @@ class TokenBatches:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def width(self, longest: int) -> int:
-        """The padded width for a longest sequence: at least min_width, a multiple of multiple_of."""
-        return -(-max(self.min_width, longest) // self.multiple_of) * self.multiple_of
+    def width(self, longest: int | np.ndarray) -> int | np.ndarray:
+        """The padded width for a longest sequence: at least min_width, a multiple of multiple_of
+        (element by element for an array of lengths)."""
+        padded = -(-np.maximum(self.min_width, longest) // self.multiple_of) * self.multiple_of
+        return padded if isinstance(padded, np.ndarray) else int(padded)
 
     def inference_batches(self, batch_size: int, min_rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """The order to run examples in for inference (longest first, stable) and its batches,
@@ -247,7 +249,7 @@ class TokenBatches:
         """
         lengths = np.asarray(self.lengths, dtype=np.int64)
         order = np.argsort(-lengths, kind="stable")
-        widths = -(-np.maximum(lengths[order], self.min_width) // self.multiple_of) * self.multiple_of
+        widths = self.width(lengths[order])
         bounds = np.flatnonzero(np.diff(widths)) + 1
         batches: list[tuple[int, int]] = []
         shared_from = None  # start of the current run of small groups
