@@ -239,7 +239,7 @@ VARIANTS = {  # dq: train on cached dequantized weights (quant.cache_dequantized
                         eval_batches=[512]),
     # the base's own dropout off (train.base_dropout: false)
     "b512-dq-nodrop-compile": dict(batch=512, dq=True, base_dropout=False, compile=True, merged=True,
-                                   compile_eval=True, eval_batches=[1024, 2048]),
+                                   compile_eval=True, eval_batches=[2048, 4096]),
     "acc-b512-lr1e-2-dq": dict(batch=512, lr=1e-2, dq=True, compile=False, merged=True,
                                compile_eval=False, eval_batches=[512]),
     "acc-b512-lr1e-2-dq-nodrop": dict(batch=512, lr=1e-2, dq=True, base_dropout=False, compile=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -170,3 +171,66 @@ def test_adapter_config_is_written_byte_stably(tmp_path: Path) -> None:
         json.dumps({"base_model_name_or_path": "models/base", "target_modules": ["query", "value"]}))
     write_adapter_config(tmp_path, base_model_name_or_path="org/base")
     assert (tmp_path / "adapter_config.json").read_bytes() == first
+
+
+def tiny_bert_classifier(**config: Any):
+    """A random-init 2-layer BertForSequenceClassification with large weights (so that small
+    changes of function show in the logits), 3 texts of 11 ids and a padding mask."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(**{"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "intermediate_size": 128, "num_labels": 4,
+                           "initializer_range": 0.5, **config})
+    ids = torch.randint(0, 100, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 4:] = 0, 0
+    return BertForSequenceClassification(config).eval(), ids, mask
+
+
+def test_gelu_epilogue_fusion_keeps_outputs() -> None:
+    """Merged inference on a GPU replaces BERT's FFN Linear + GELU with one matmul whose epilogue
+    applies GELU. On the CPU the fused op is exact erf GELU, so outputs must not move (weights
+    large enough that tanh GELU would move them by ~1e-3); GELU-tanh and GPT-2's Conv1D MLP are
+    left alone."""
+    from transformers import GPT2Config, GPT2Model
+
+    from stages.lib.model import LinearGELU, fuse_gelu_epilogue
+
+    model, ids, mask = tiny_bert_classifier()
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        assert fuse_gelu_epilogue(model) == 2
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert all(isinstance(layer.intermediate.dense, LinearGELU) for layer in model.bert.encoder.layer)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    tanh_bert, _, _ = tiny_bert_classifier(hidden_act="gelu_new")
+    gpt2 = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+    assert fuse_gelu_epilogue(tanh_bert) == 0 and fuse_gelu_epilogue(gpt2) == 0
+
+
+def test_first_token_last_layer_keeps_classifier_logits() -> None:
+    """Merged inference computes BertForSequenceClassification's last layer for [CLS] only:
+    the logits must not move beyond float rounding, with padded and unpadded batches, and a
+    layer compiled by compile_regions stays compiled."""
+    from accelerate.utils import compile_regions
+    from transformers import BertForMaskedLM
+
+    from stages.lib.model import FirstTokenLayer, first_token_last_layer
+
+    model, ids, mask = tiny_bert_classifier()
+    with torch.inference_mode():
+        before = [model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids).logits]
+        compiled = compile_regions(model)
+        assert first_token_last_layer(model) and first_token_last_layer(compiled)
+        after = [model(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids).logits]
+        assert model.bert(input_ids=ids, attention_mask=mask).last_hidden_state.shape == (3, 1, 64)
+        last = compiled.bert.encoder.layer[-1]
+        assert isinstance(last, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(last._orig_mod, FirstTokenLayer)
+        with torch._dynamo.config.patch(disable=True):  # the same modules, without compiling
+            after.append(compiled(input_ids=ids, attention_mask=mask).logits)
+    for got, want in zip(after, before + before[:1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (before[0] - before[1]).abs().max() > 1e-2  # the padding mask matters to these logits
+    assert not first_token_last_layer(BertForMaskedLM(model.config))  # reads every position

@@ -360,6 +360,20 @@ def test_predict_csv_keeps_columns_and_adds_labels(pipeline: Pipeline, tmp_path:
     assert leftovers(tmp_path) == []
 
 
+def test_predict_merged_labels_like_the_quantized_model(pipeline: Pipeline, tmp_path: Path,
+                                                       trained_logits: np.ndarray) -> None:
+    """--merged (LoRA merged into the dequantized base; the last layer for [CLS] only) labels the
+    test split as the 4-bit model does, with the same scores to float rounding."""
+    test = pd.read_csv(pipeline.split / "test.csv", keep_default_na=False)
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    test[["text"]].to_csv(src, index=False)
+    assert predict.main(["--model", str(pipeline.export), "--merged", "--input", str(src), "--output", str(out)]) == 0
+    result = pd.read_csv(out, keep_default_na=False)
+    assert result["label_id"].tolist() == trained_logits.argmax(-1).tolist()
+    probs = torch.from_numpy(trained_logits).softmax(-1).max(-1).values.numpy()
+    assert np.allclose(result["score"], probs, atol=1e-4)
+
+
 def test_predict_keeps_clashing_input_columns_under_a_suffix(pipeline: Pipeline, tmp_path: Path,
                                                              capsys) -> None:
     """A labelled file (text,label) keeps its labels as label_input beside the predictions."""

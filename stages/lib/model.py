@@ -393,6 +393,83 @@ def upcast_trainable(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
+class LinearGELU(torch.nn.Module):
+    """A Linear layer and erf GELU as one matmul, with GELU applied in the matmul's epilogue.
+
+    On a GPU the separate GELU kernel reads and writes the 4×-wide FFN activation once more:
+    13% of a merged bert-base's GPU time at inference on an H100 (README, "On a GPU"). cuBLASLt's
+    GELU epilogue is the tanh approximation, within bf16 rounding of erf GELU, so benchmarks/
+    speed.py --accuracy compares the predictions with the quantized model's. On the CPU the same
+    op computes erf GELU exactly.
+    """
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # private, but inductor calls it as it is (no decomposition into matmul + GELU)
+        out = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fuse_gelu_epilogue(model: torch.nn.Module) -> int:
+    """Replace each BERT-style FFN input layer (`dense`, then `intermediate_act_fn` erf GELU)
+    with LinearGELU, for inference. Returns how many were replaced."""
+    fused = 0
+    for module in model.modules():
+        dense, act = getattr(module, "dense", None), getattr(module, "intermediate_act_fn", None)
+        # by class name: transformers' GELUActivation is BERT's erf GELU ("gelu" in its config)
+        if type(dense) is torch.nn.Linear and dense.bias is not None and type(act).__name__ == "GELUActivation":
+            module.dense, module.intermediate_act_fn = LinearGELU(dense), torch.nn.Identity()
+            fused += 1
+    return fused
+
+
+class FirstTokenLayer(torch.nn.Module):
+    """A BERT encoder's last layer computed for the first position ([CLS]) only.
+
+    BertForSequenceClassification reads nothing but that position of the last layer (its pooler
+    takes hidden_states[:, 0]), so the other positions' queries, attention output, FFN and
+    LayerNorms are dropped: 1/num_layers of the work, less the keys and values every position
+    still provides. The same function, up to float rounding. For inference only (no dropout).
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        if attention_mask is not None and attention_mask.dim() != 4:  # not SDPA's or eager's mask
+            return self.layer(hidden_states, attention_mask, *args, **kwargs)[:, :1]
+        attention, first = self.layer.attention, hidden_states[:, :1]
+        heads = attention.self
+        shape = (hidden_states.shape[0], -1, heads.num_attention_heads, heads.attention_head_size)
+        query, key, value = (proj(x).view(shape).transpose(1, 2) for proj, x in
+                             ((heads.query, first), (heads.key, hidden_states), (heads.value, hidden_states)))
+        # the layers get a 4-D mask (batch, 1, query, key) or None; keep the first query's row
+        mask = attention_mask[:, :, :1] if attention_mask is not None else None
+        context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        out = attention.output(context.transpose(1, 2).reshape(first.shape), first)
+        return self.layer.output(self.layer.intermediate(out), out)
+
+
+def first_token_last_layer(model: torch.nn.Module) -> bool:
+    """Make a BertForSequenceClassification compute its last layer for [CLS] only
+    (FirstTokenLayer), keeping torch.compile on it if the layer was compiled. Returns whether
+    the model was one."""
+    if type(getattr(model, "_orig_mod", model)).__name__ != "BertForSequenceClassification":
+        return False
+    layers = model.bert.encoder.layer
+    last = layers[-1]
+    compiled = hasattr(last, "_orig_mod")
+    layers[-1] = FirstTokenLayer(last._orig_mod if compiled else last)
+    if compiled:
+        layers[-1] = torch.compile(layers[-1])
+    return True
+
+
 # A padded width shared by fewer texts than this would make batches too small to keep a GPU busy:
 # such texts share batches with their neighbours in length instead.
 MIN_GROUP_ROWS = 64
@@ -502,11 +579,15 @@ def _load_trained(adapter_dir: Path, meta: dict[str, Any], base_dir: str | Path 
                         f"base model ({str(e).splitlines()[0][:200]})") from None
     if merged:
         model = model.merge_and_unload().to(device=device, dtype=dtype)
+        if device.type == "cuda":
+            fuse_gelu_epilogue(model)
     model.eval()
-    if compile:  # per region, as in training (stages.train): the layers share one graph
+    if compile:  # per region: the layers share one graph, compiled in seconds (README, "On a GPU")
         from accelerate.utils import compile_regions
 
         model = compile_regions(model)
+    if merged:  # after compile_regions, which compiles only layers that are all of one class
+        first_token_last_layer(model)
     return model, load_tokenizer(adapter_dir), device, dtype
 
 
@@ -517,7 +598,9 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     The base comes from `base_dir` when given (the pipeline's models/base), else from where
     pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
     the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
-    plain matmuls in the compute dtype, much faster for inference. `compile` adds torch.compile.
+    plain matmuls in the compute dtype, much faster for inference. The merged classifier then
+    computes its last layer for [CLS] only (FirstTokenLayer), and on a GPU each FFN's GELU runs
+    inside its matmul (LinearGELU). `compile` adds torch.compile, layer by layer.
     """
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
