@@ -163,8 +163,7 @@ def main() -> None:
             if graphs:
                 classifier.model = compile_regions(classifier.model, mode="reduce-overhead")
                 if "cls" in parts:
-                    layers = classifier.model.bert.encoder.layer
-                    layers[-1] = torch.compile(FirstTokenLayer(layers[-1]._orig_mod), mode="reduce-overhead")
+                    model_lib.first_token_last_layer(classifier.model, mode="reduce-overhead")
                 classifier.model = StepMarked(classifier.model)  # outputs are copied out before the next
             fused = sum(isinstance(m, LinearGELU) for m in classifier.model.modules())
             first_token = any(isinstance(m, FirstTokenLayer) for m in classifier.model.modules())

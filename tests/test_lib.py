@@ -211,8 +211,9 @@ def test_gelu_epilogue_fusion_keeps_outputs() -> None:
 
 def test_first_token_last_layer_keeps_classifier_logits() -> None:
     """Merged inference computes BertForSequenceClassification's last layer for [CLS] only:
-    the logits must not move beyond float rounding, with padded and unpadded batches, and a
-    layer compiled by compile_regions stays compiled."""
+    the logits must not move beyond float rounding, with padded and unpadded batches, a layer
+    compiled by compile_regions stays compiled, and other models and attention kernels are
+    left alone."""
     from accelerate.utils import compile_regions
     from transformers import BertForMaskedLM
 
@@ -234,3 +235,6 @@ def test_first_token_last_layer_keeps_classifier_logits() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (before[0] - before[1]).abs().max() > 1e-2  # the padding mask matters to these logits
     assert not first_token_last_layer(BertForMaskedLM(model.config))  # reads every position
+    flex, _, _ = tiny_bert_classifier()
+    flex.config._attn_implementation = "flex_attention"  # its mask is not a 4-D tensor
+    assert not first_token_last_layer(flex)

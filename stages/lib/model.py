@@ -441,32 +441,31 @@ class FirstTokenLayer(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        if attention_mask is not None and attention_mask.dim() != 4:  # not SDPA's or eager's mask
-            return self.layer(hidden_states, attention_mask, *args, **kwargs)[:, :1]
         attention, first = self.layer.attention, hidden_states[:, :1]
         heads = attention.self
         shape = (hidden_states.shape[0], -1, heads.num_attention_heads, heads.attention_head_size)
         query, key, value = (proj(x).view(shape).transpose(1, 2) for proj, x in
                              ((heads.query, first), (heads.key, hidden_states), (heads.value, hidden_states)))
-        # the layers get a 4-D mask (batch, 1, query, key) or None; keep the first query's row
+        # SDPA and eager attention get a 4-D mask (batch, 1, query, key) or None: the first query's row
         mask = attention_mask[:, :, :1] if attention_mask is not None else None
         context = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask)
         out = attention.output(context.transpose(1, 2).reshape(first.shape), first)
         return self.layer.output(self.layer.intermediate(out), out)
 
 
-def first_token_last_layer(model: torch.nn.Module) -> bool:
-    """Make a BertForSequenceClassification compute its last layer for [CLS] only
-    (FirstTokenLayer), keeping torch.compile on it if the layer was compiled. Returns whether
-    the model was one."""
-    if type(getattr(model, "_orig_mod", model)).__name__ != "BertForSequenceClassification":
+def first_token_last_layer(model: torch.nn.Module, **compile_kwargs: Any) -> bool:
+    """Make a BertForSequenceClassification with SDPA or eager attention compute its last layer
+    for [CLS] only (FirstTokenLayer). A layer compiled by compile_regions stays compiled (with
+    `compile_kwargs`). Returns whether the model was one."""
+    if (type(getattr(model, "_orig_mod", model)).__name__ != "BertForSequenceClassification"
+            or model.config._attn_implementation not in ("sdpa", "eager")):
         return False
     layers = model.bert.encoder.layer
     last = layers[-1]
     compiled = hasattr(last, "_orig_mod")
     layers[-1] = FirstTokenLayer(last._orig_mod if compiled else last)
     if compiled:
-        layers[-1] = torch.compile(layers[-1])
+        layers[-1] = torch.compile(layers[-1], **compile_kwargs)
     return True
 
 
