@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.lib.data import CORPUS_NAMES, find_corpus, find_table
 from stages.lib.io import atomic_dir, run_main, sha256_file, write_json
-from stages.lib.model import copy_model_files, resolve_model_source
+from stages.lib.sources import SOURCE_FILE, copy_model_files, resolve_model_source
+from stages.lib.tables import CORPUS_NAMES, find_corpus, find_table
 from stages.lib.params import UserError, load_params
 
 PARAMS = ("task.type", "data.source", "model.name_or_path", "model.revision")
@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                                                        params["model.revision"])
         with atomic_dir(args.data_out) as tmp:
             origin = fetch_dataset(params["data.source"], tmp, params["task.type"])
-            write_json(tmp / "SOURCE.json", origin)
+            write_json(tmp / SOURCE_FILE, origin)
         log.info("dataset %s -> %s (%s)", params["data.source"], args.data_out, ", ".join(origin["sha256"]))
         with atomic_dir(args.model_out) as tmp:
             model_origin["sha256"] = copy_model_files(model_dir, tmp)
-            write_json(tmp / "SOURCE.json", model_origin)
+            write_json(tmp / SOURCE_FILE, model_origin)
         log.info("base model %s -> %s (%d files)", params["model.name_or_path"], args.model_out,
                  len(model_origin["sha256"]))
 

@@ -18,18 +18,16 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from dvclive import Live
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from stages.lib.data import load_tokenized
+from stages.lib.adapter import load_adapter, load_language_model, read_adapter_meta
 from stages.lib.io import TIMING_FILE, atomic_dir, run_main, write_json
-from stages.lib.model import load_adapter, load_language_model, memory_hint, read_adapter_meta, task_of
 from stages.lib.params import load_params
-from stages.lib.tasks import Objective, describe
+from stages.lib.quantized import memory_hint
+from stages.lib.tasks import Objective, format_scores, label_scores, per_class_scores
+from stages.lib.tokenized import load_tokenized
 
 PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile", "generate.prompts",
           "generate.max_new_tokens", "generate.do_sample", "generate.temperature", "generate.top_k",
@@ -38,24 +36,11 @@ SAMPLES_FILE = "samples.json"
 log = logging.getLogger("qlora")
 
 
-def score(labels: Sequence[int], predictions: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and per-class precision/recall/F1/support."""
-    ids = list(range(len(names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predictions, labels=ids, zero_division=0)
-    return {"accuracy": float(accuracy_score(labels, predictions)),
-            "f1_macro": float(f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)),
-            "f1_weighted": float(f1_score(labels, predictions, labels=ids, average="weighted", zero_division=0)),
-            "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
-                                 "f1": float(f1[i]), "support": int(support[i])}
-                          for i, name in enumerate(names)}}
-
-
 def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace) -> None:
     """Loss and perplexity on the test blocks; causal-lm: samples from the fixed prompts."""
     lm = load_language_model(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
                              compile=p["evaluate.compile"])
-    objective = Objective(lm.meta["task"], lm.tokenizer)
+    objective = Objective(lm.meta.task, lm.tokenizer)
     start = time.perf_counter()
     with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
         examples = objective.examples(blocks, None, lm.tokenizer.pad_token_id, lm.device, scoring=True)
@@ -77,7 +62,7 @@ def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace
                                        "samples_per_s": round(len(blocks) / elapsed, 2)})
         if samples:
             write_json(tmp / SAMPLES_FILE, samples)
-    log.info("evaluate: %d test blocks, %s", len(blocks), describe(metrics))
+    log.info("evaluate: %d test blocks, %s", len(blocks), format_scores(metrics))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         p = load_params(args.params, PARAMS)
         data, _ = load_tokenized(Path(args.data))
-        if task_of(read_adapter_meta(Path(args.adapter))) != "classification":
+        if read_adapter_meta(Path(args.adapter)).task_type != "classification":
             evaluate_language_model(p, data["test"][0], args)
             return
         classifier = load_adapter(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
@@ -103,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate").argmax(-1)
         elapsed = time.perf_counter() - start
         names = classifier.labels
-        metrics = score(labels, predictions.tolist(), names)
+        predicted = predictions.tolist()
+        metrics = {**label_scores(labels, predicted, classes=range(len(names))),
+                   "per_class": per_class_scores(labels, predicted, names)}
         metrics["test_samples"] = len(labels)
         timing = {"eval_time_s": round(elapsed, 2), "samples_per_s": round(len(labels) / elapsed, 2)}
         with atomic_dir(args.metrics_out) as tmp:

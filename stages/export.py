@@ -12,6 +12,7 @@ Writes <out>/: adapter_model.safetensors (LoRA + the fully trained head), adapte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 
+from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta, write_adapter_config
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
-from stages.lib.model import (DTYPES, PIPELINE_FILE, load_base, portable_base_id,
-                              load_tokenizer, quantization_config, task_of,
-                              write_adapter_config)
 from stages.lib.params import load_params
+from stages.lib.quantized import DTYPES, load_base, quantization_config
+from stages.lib.sources import load_tokenizer, portable_base_id
 
 PARAMS = ("export.merged",)
 log = logging.getLogger("qlora")
@@ -37,19 +38,20 @@ PEFT_CLASSES = {"classification": "AutoPeftModelForSequenceClassification",
                 "masked-lm": "AutoPeftModel", "causal-lm": "AutoPeftModelForCausalLM"}
 
 
-def model_card(meta: dict[str, Any], base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
+def model_card(meta: AdapterMeta, base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
     """A Hugging Face model card: front matter, how to load, params, metrics."""
-    task = task_of(meta)
-    params = {"task": meta.get("task", {"type": task}), "quant": meta["quant"], "lora": meta["lora"],
-              "train": meta["train"], "tokenize": {"max_length": meta["max_length"], "padding": meta["padding"]}}
+    task = meta.task_type
+    sections = meta.to_json()  # each section's keys in the order pipeline.json has them: sorted
+    params = {**{name: dict(sorted(sections[name].items())) for name in ("task", "quant", "lora", "train")},
+              "tokenize": {"max_length": meta.max_length, "padding": meta.padding}}
     param_rows = "\n".join(f"| {section}.{k} | {v} |" for section, values in params.items()
                            for k, v in values.items())
-    saved = ", ".join(meta["modules_to_save"]) or "none"
+    saved = ", ".join(meta.modules_to_save) or "none"
     if task == "classification":
-        labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta["labels"]))
+        labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta.labels))
         what, head_args = f"text classifier. Labels: {labels}.", (
-            f"num_labels={len(meta['labels'])}, id2label=dict(enumerate(labels)), ")
-        use = 'python -m stages.predict --model <this directory> "Stocks rally as oil prices fall"'
+            f"num_labels={len(meta.labels)}, id2label=dict(enumerate(labels)), ")
+        use = 'python -m stages.cli.predict --model <this directory> "Stocks rally as oil prices fall"'
         per_class = "\n".join(f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
                               for n, m in test["per_class"].items())
         results = f"""## Test metrics ({test['test_samples']} rows)
@@ -60,23 +62,23 @@ accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**, weight
 {per_class}"""
     else:
         what, head_args = f"{task} adapter.", ""
-        use = ('python -m stages.generate --model <this directory> "ROMEO:"' if task == "causal-lm"
+        use = ('python -m stages.cli.generate --model <this directory> "ROMEO:"' if task == "causal-lm"
                else "(masked-LM adapters are scored by the pipeline; load them with peft as below)")
         results = f"""## Test metrics ({test['test_blocks']} blocks of {test['block_tokens']} tokens)
 loss **{test['loss']:.4f}**, perplexity **{test['perplexity']:.2f}** (per predicted token)"""
-    best = meta.get("task", {}).get("metric", "accuracy")
+    best = meta.task.metric
     return f"""---
 library_name: peft
 base_model: {base_id}
 pipeline_tag: {PIPELINE_TAGS[task]}
-tags: [qlora, lora, bitsandbytes, {meta['quant']['type']}, qlora-pipeline]
+tags: [qlora, lora, bitsandbytes, {meta.quant.type}, qlora-pipeline]
 ---
 # {base_id} + QLoRA {what.split('.')[0]}
 
-A LoRA adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']}, on
-{', '.join(meta['lora']['target_modules'])}), with these modules trained in full: {saved}; for
-`{base_id}` loaded in {meta['quant']['type']} (double quant: {meta['quant']['double_quant']}). A {what}
-Base model provenance: `{json.dumps({k: v for k, v in meta['base'].items() if k != 'sha256'})}`.
+A LoRA adapter (r={meta.lora.r}, alpha={meta.lora.alpha}, on
+{', '.join(meta.lora.target_modules)}), with these modules trained in full: {saved}; for
+`{base_id}` loaded in {meta.quant.type} (double quant: {meta.quant.double_quant}). A {what}
+Base model provenance: `{json.dumps({k: v for k, v in meta.base.to_json().items() if k != 'sha256'}, sort_keys=True)}`.
 
 ## Use
 ```bash
@@ -106,11 +108,11 @@ best validation {best} {train[f'best_val_{best}']:.4f} at step {train['best_step
 """
 
 
-def write_merged(adapter_dir: Path, base_dir: Path, meta: dict[str, Any], out: Path) -> None:
+def write_merged(adapter_dir: Path, base_dir: Path, meta: AdapterMeta, out: Path) -> None:
     """Merge LoRA into a full-precision copy of the base and save it as a plain model."""
     from peft import PeftModel
-    base = load_base(base_dir, meta["labels"], {"type": "none"}, meta["modules_to_save"],
-                     torch.device("cpu"), torch.float32, task=task_of(meta))
+    base = load_base(base_dir, meta.labels, dataclasses.replace(meta.quant, type="none"), meta.modules_to_save,
+                     torch.device("cpu"), torch.float32, task=meta.task_type)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(adapter_dir).save_pretrained(out)
@@ -129,17 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         p = load_params(args.params, PARAMS)
         adapter_dir = require_dir(args.adapter, "trained adapter")
         base_dir = require_dir(args.base, "base model")
-        meta = read_json(adapter_dir / PIPELINE_FILE)
+        meta = AdapterMeta.load(adapter_dir / ADAPTER_META_FILE)
         train = read_json(Path(args.metrics) / "train" / "metrics.json")
         test = read_json(Path(args.metrics) / "evaluate" / "metrics.json")
-        base_id = portable_base_id(meta["base"])
+        base_id = portable_base_id(meta.base.to_json())
         with atomic_dir(args.out) as tmp:
             for f in adapter_dir.iterdir():
                 if f.is_file() and f.name != "README.md":
                     shutil.copyfile(f, tmp / f.name)
             write_adapter_config(tmp, base_model_name_or_path=base_id)
-            bnb = quantization_config(meta["quant"], DTYPES[meta["quant"]["compute_dtype"]],
-                                      meta["modules_to_save"], task_of(meta))
+            bnb = quantization_config(meta.quant, DTYPES[meta.quant.compute_dtype], meta.modules_to_save,
+                                      meta.task_type)
             if bnb is not None:
                 write_json(tmp / "quantization_config.json", bnb.to_dict())
             (tmp / "README.md").write_text(model_card(meta, base_id, train, test), encoding="utf-8")

@@ -5,7 +5,7 @@ Reads  data/raw/, params task.type, data.text_column, data.label_column, data.la
 Writes classification: <out>/{train,validation,test}.csv (columns text, label as class id) and
        labels.json; validation is stratified by label, test is kept as given.
        language models: <out>/{train,validation,test}.txt; a split the corpus lacks is cut from
-       the end of train (see lib.data.split_corpus).
+       the end of train (see lib.tables.split_corpus).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from stages.lib.data import find_corpus, find_table, load_labelled, read_lines, read_table, split_corpus
 from stages.lib.io import atomic_dir, require_dir, run_main, write_json
 from stages.lib.params import UserError, load_params
+from stages.lib.tables import find_corpus, find_table, load_labelled, read_lines, read_table, split_corpus
 
 PARAMS = ("task.type", "data.text_column", "data.label_column", "data.label_names",
           "split.val_fraction", "split.seed")

@@ -4,7 +4,7 @@ Reads  data/split/ (classification: {train,validation,test}.csv and labels.json;
        {train,validation,test}.txt), models/base (tokenizer), params task.type,
        tokenize.max_length, tokenize.padding.
 Writes <out>/: a `datasets` DatasetDict (read back with datasets.load_from_disk) and
-       pipeline.json (task, labels, max_length, padding). Classification: input_ids and label per
+       tokenized.json (task, labels, max_length, padding; lib.tokenized). Classification: input_ids and label per
        text, stored unpadded; `padding: max_length` makes every batch max_length wide, as the
        reference recipe does, `longest` pads each batch to its longest sequence. Language models:
        input_ids blocks of exactly max_length tokens cut from the concatenated text (masked-lm
@@ -14,17 +14,20 @@ Writes <out>/: a `datasets` DatasetDict (read back with datasets.load_from_disk)
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import statistics
 import sys
+from collections.abc import Sequence
 
 import datasets
+import numpy as np
 import pandas as pd
 
-from stages.lib.data import token_blocks
-from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
-from stages.lib.model import PIPELINE_FILE, load_tokenizer
+from stages.lib.io import atomic_dir, read_json, require_dir, run_main
 from stages.lib.params import UserError, load_params
+from stages.lib.sources import load_tokenizer
+from stages.lib.tokenized import DATASET_DIR, TOKENIZED_FILE, TokenizedMeta
 
 PARAMS = ("task.type", "tokenize.max_length", "tokenize.padding")
 SPLITS = ("train", "validation", "test")
@@ -33,6 +36,24 @@ log = logging.getLogger("qlora")
 
 def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
+def token_blocks(tokenizer, lines: Sequence[str], block: int, add_special_tokens: bool) -> list[list[int]]:
+    """Tokenize the non-blank lines, concatenate them and cut the stream into blocks of `block`
+    tokens (the rest, shorter than a block, is dropped), as transformers' run_mlm/run_clm do."""
+    from transformers.utils import logging as hf_logging
+
+    texts = [line for line in lines if line.strip()]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "longer than the maximum sequence length": blocks are cut below
+    if not add_special_tokens:  # a causal LM learns the line breaks too, where its tokenizer has them
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer([t.strip() for t in texts], add_special_tokens=True)["input_ids"]
+    hf_logging.set_verbosity(verbosity)
+    stream = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+    n = len(stream) // block
+    return stream[:n * block].reshape(n, block).tolist()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
         labels = read_json(split_dir / "labels.json") if task == "classification" else []
         with atomic_dir(args.out) as tmp:
-            datasets.DatasetDict(parts).save_to_disk(str(tmp / "dataset"))
-            write_json(tmp / PIPELINE_FILE, {"task": task, "labels": labels, "max_length": block,
-                                             "padding": p["tokenize.padding"]})
+            datasets.DatasetDict(parts).save_to_disk(str(tmp / DATASET_DIR))
+            TokenizedMeta(task, labels, block, p["tokenize.padding"]).save(tmp / TOKENIZED_FILE)
 
     return run_main(work)
 

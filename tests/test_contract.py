@@ -75,11 +75,37 @@ def test_dvc_yaml_has_one_stage_per_module() -> None:
         assert shlex.split(DVC_STAGES[name]["cmd"])[:3] == ["python", "-m", f"stages.{name}"]
 
 
+def test_stages_holds_the_stages_only() -> None:
+    """CLIs that are not stages (predict, serve, generate, report) live in stages/cli/."""
+    modules = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__")
+    assert modules == sorted(STAGES)
+
+
 def test_lib_import_parser_sees_nested_and_transitive_imports() -> None:
-    """Guards the helpers above: data.py imports io inside a function, model.py imports data."""
-    assert "io" in lib_imports(LIB / "data.py")
-    assert {"data", "io", "params"} <= lib_imports(LIB / "model.py")
-    assert lib_closure(stage_file("evaluate")) >= {"data", "io", "model", "params"}
+    """Guards the helpers above: tokenized.py imports io at the top, adapter.py imports
+    fast_bert, which evaluate then loads through adapter.py."""
+    assert "io" in lib_imports(LIB / "tokenized.py")
+    assert {"fast_bert", "quantized", "sources"} <= lib_imports(LIB / "adapter.py")
+    assert lib_closure(stage_file("evaluate")) >= {"adapter", "fast_bert", "io", "params", "sources"}
+
+
+@pytest.mark.parametrize("module, unaffected", [
+    ("fast_bert", ["download", "split", "tokenize"]),  # an inference kernel: evaluate and on
+    ("tables", ["tokenize", "train", "evaluate", "export"]),  # reading raw tables: download, split
+    ("loop", ["download", "split", "tokenize", "evaluate", "export"]),  # train alone
+])
+def test_an_edit_to_a_concern_reruns_only_the_stages_that_load_it(module: str, unaffected: list[str]) -> None:
+    for name in unaffected:
+        assert f"stages/lib/{module}.py" not in [_path(d) for d in DVC_STAGES[name]["deps"]], name
+
+
+def test_benchmarks_import_the_library_not_stages() -> None:
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        modules |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        stages = {m for m in modules if m.startswith("stages.") and not m.startswith(("stages.lib", "stages.cli"))}
+        assert stages == set(), f"{path.name} imports {stages}"
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -116,8 +142,8 @@ def test_stage_lists_the_lib_modules_it_imports(name: str) -> None:
 def test_stage_deps_are_exactly_the_lib_modules_it_loads(name: str) -> None:
     """Direct imports plus what those lib modules import: an edit to any of them must rerun it.
 
-    Regression (dvc.yaml): tokenize and export import stages/lib/model.py, which
-    imports stages/lib/data.py, but neither listed stages/lib/data.py in its deps.
+    Regression (dvc.yaml): tokenize and export imported stages/lib/model.py, which
+    imported stages/lib/data.py, but neither listed stages/lib/data.py in its deps.
     """
     needed = lib_closure(stage_file(name))
     listed = lib_deps(name)

@@ -3,6 +3,7 @@ arithmetic of one process with the same global batch, and only the main worker w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -97,17 +98,21 @@ def test_micro_batches_give_the_update_of_the_whole_batch() -> None:
     """gradient_accumulation_steps 2: each batch of 8 runs forward as two micro-batches of 4,
     and the optimizer steps once per batch, so the weights end as with whole batches (up to
     the order of float sums)."""
-    from stages.train import NullLive, train
+    from stages.lib.distributed import Processes
+    from stages.lib.loop import NullLive, TrainingLoop
+    from stages.lib.params import Task, Train
+    from stages.lib.tasks import Objective
 
     generator = torch.Generator().manual_seed(1)
     texts = [torch.randint(1, 40, (int(n),), generator=generator).tolist()
              for n in torch.randint(3, 12, (40,), generator=generator)]
     labels = [i % 3 for i in range(40)]
     data = {"train": (texts[:32], labels[:32]), "validation": (texts[32:], labels[32:])}
-    cfg = {"seed": 0, "epochs": 2, "lr": 1e-2, "batch_size": 8, "weight_decay": 0.01,
-           "warmup_ratio": 0.0, "max_grad_norm": 1.0, "max_steps": 0, "eval_every_steps": 0,
-           "log_every_steps": 2, "checkpoint_every_steps": 0, "group_by_length": True,
-           "gradient_checkpointing": False, "compile": False}
+    cfg = Train(seed=0, epochs=2, lr=1e-2, batch_size=8, weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=1.0,
+                max_steps=0, eval_every_steps=0, log_every_steps=2, checkpoint_every_steps=0,
+                group_by_length=True, gradient_checkpointing=False, base_dropout=True, compile=False,
+                processes=1, gradient_accumulation_steps=1)
+    objective = Objective(Task(type="classification", metric="accuracy", mlm_probability=0.15))
     weights, rows, losses = {}, {}, {}
     for steps in (1, 2):
         model = tiny_classifier()
@@ -115,8 +120,8 @@ def test_micro_batches_give_the_update_of_the_whole_batch() -> None:
         model.register_forward_pre_hook(
             lambda module, args, kwargs: seen.append(len(kwargs["input_ids"])) if module.training else None,
             with_kwargs=True)
-        summary = train(model, data, 0, 0, {**cfg, "gradient_accumulation_steps": steps}, NullLive(),
-                        torch.device("cpu"), torch.float32)
+        summary = TrainingLoop(model, data, 0, 0, dataclasses.replace(cfg, gradient_accumulation_steps=steps),
+                               objective, NullLive(), torch.device("cpu"), torch.float32, None, Processes()).run()
         assert summary["steps"] == 8 and summary["train_samples"] == 64
         losses[steps] = summary["train_loss"]
         weights[steps] = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -172,7 +172,7 @@ def test_queued_experiments_run_from_a_clean_copy(tmp_path: Path, tiny_params: d
 
 def test_repro_runs_every_stage_and_leaves_nothing_to_do(repo: Repo) -> None:
     assert repo.status() == {}
-    for path in ("data/raw/SOURCE.json", "data/split/train.csv", "data/tokenized/pipeline.json",
+    for path in ("data/raw/SOURCE.json", "data/split/train.csv", "data/tokenized/tokenized.json",
                  "models/base/model.safetensors", "models/adapter/adapter_model.safetensors",
                  "models/export/README.md", "metrics/train/metrics.json",
                  "metrics/evaluate/metrics.json", "dvc.lock"):

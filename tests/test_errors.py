@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from helpers import ROOT, Pipeline, error_message, leftovers, run_stage
-from stages.lib.data import PackedTokens, StreamedTokens
-from stages.lib.model import load_adapter
+from stages.lib.adapter import load_adapter
+from stages.lib.batches import PackedTokens, StreamedTokens
 from stages.lib.params import UserError
 
 LABEL_CHOICES = "World, Sports, Business, Sci/Tech or an id 0-3"
@@ -263,7 +263,7 @@ def test_truncated_adapter_without_checksum_is_a_user_error(pipeline: Pipeline, 
     with pytest.raises(UserError) as info:
         load_adapter(adapter, base_dir=pipeline.base)
     assert str(info.value).startswith(
-        f"{adapter}/adapter_model.safetensors: corrupt or does not match the base model (")
+        f"{adapter}: adapter_model.safetensors is corrupt or does not match the base model (")
     assert "\n" not in str(info.value)
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from helpers import LABELS
-from stages.lib.data import PackedTokens, StreamedTokens, length_grouped_batches, parse_labels
+from stages.lib.batches import PackedTokens, StreamedTokens, length_grouped_batches
 from stages.lib.io import atomic_dir, atomic_file
 from stages.lib.params import UserError
+from stages.lib.tables import parse_labels
 
 # --- data -----------------------------------------------------------------------------------
 
@@ -83,7 +84,7 @@ def test_parse_labels_accepts_names_and_ids() -> None:
 def test_parse_labels_rejects_other_values_as_user_errors(value: str) -> None:
     """Every bad label is a UserError naming file, row and value.
 
-    BUG (stages/lib/data.py parse_labels): "²" passes `str.isdigit()` but `int("²")` raises
+    BUG (stages/lib/data.py parse_labels, now in tables.py): "²" passes `str.isdigit()` but `int("²")` raises
     ValueError, so a stray superscript digit crashes split with a traceback.
     """
     with pytest.raises(UserError) as info:
@@ -133,16 +134,16 @@ def test_validation_leaves_4bit_weights_as_they_were(tiny_model_dir: Path, doubl
 
     Regression: on AVX512-bf16 CPUs bitsandbytes repacks 4-bit weights for inference and
     rounds their absmax scales to bf16, and its inverse keeps the rounded scales (re-quantized
-    under double quant); stages.lib.model.keep_cpu_layout turns the repacking off.
+    under double quant); stages.lib.quantized.keep_cpu_layout turns the repacking off.
     On CPUs without AVX512-bf16 nothing is repacked and this test passes trivially.
     """
     from bitsandbytes.nn import Linear4bit
 
-    from stages.lib.model import load_base
+    from stages.lib.params import Quant
+    from stages.lib.quantized import load_base
 
-    model = load_base(tiny_model_dir, LABELS, {"type": "nf4", "double_quant": double_quant,
-                                               "compute_dtype": "fp32"},
-                      ["classifier"], torch.device("cpu"), torch.float32)
+    quant = Quant(type="nf4", double_quant=double_quant, compute_dtype="fp32", cache_dequantized=False)
+    model = load_base(tiny_model_dir, LABELS, quant, ["classifier"], torch.device("cpu"), torch.float32)
     layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
     torch.manual_seed(0)
     x = torch.randn(4, layer.in_features)
@@ -160,7 +161,7 @@ def test_validation_leaves_4bit_weights_as_they_were(tiny_model_dir: Path, doubl
 def test_adapter_config_is_written_byte_stably(tmp_path: Path) -> None:
     """PEFT saves target_modules from a set: its order follows the hash seed, so two runs of the
     same params would give adapters with different DVC hashes unless the list is sorted."""
-    from stages.lib.model import write_adapter_config
+    from stages.lib.adapter import write_adapter_config
 
     (tmp_path / "adapter_config.json").write_text(
         json.dumps({"target_modules": ["value", "query"], "base_model_name_or_path": "models/base"}))
@@ -195,7 +196,7 @@ def test_gelu_epilogue_fusion_keeps_outputs() -> None:
     left alone."""
     from transformers import GPT2Config, GPT2Model
 
-    from stages.lib.model import LinearGELU, fuse_gelu_epilogue
+    from stages.lib.fast_bert import LinearGELU, fuse_gelu_epilogue
 
     model, ids, mask = tiny_bert_classifier()
     with torch.inference_mode():
@@ -217,7 +218,7 @@ def test_first_token_last_layer_keeps_classifier_logits() -> None:
     from accelerate.utils import compile_regions
     from transformers import BertForMaskedLM
 
-    from stages.lib.model import FirstTokenLayer, first_token_last_layer
+    from stages.lib.fast_bert import FirstTokenLayer, first_token_last_layer
 
     model, ids, mask = tiny_bert_classifier()
     with torch.inference_mode():

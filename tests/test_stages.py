@@ -5,6 +5,7 @@ export round trip, and the predict CLI.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -16,10 +17,12 @@ import pytest
 import torch
 
 from helpers import LABELS, Pipeline, error_message, leftovers, run_stage
-from stages import predict
-from stages.lib.data import PackedTokens, load_tokenized
+from stages.cli import predict
+from stages.lib.adapter import AdapterMeta, load_adapter
+from stages.lib.batches import PackedTokens, predict_logits
 from stages.lib.io import sha256_file
-from stages.lib.model import load_adapter, load_base, predict_logits
+from stages.lib.quantized import load_base
+from stages.lib.tokenized import load_tokenized
 
 BATCH = 16
 
@@ -122,7 +125,7 @@ def test_tokenize_writes_a_dataset_with_truncated_ids(pipeline: Pipeline) -> Non
         assert part["label"] == split["label"].tolist()
         assert all(2 <= len(ids) <= 16 for ids in part["input_ids"])
         assert part["input_ids"][0] == tokenizer(split["text"][0], truncation=True, max_length=16)["input_ids"]
-    assert read_json(pipeline.tokenized / "pipeline.json") == {
+    assert read_json(pipeline.tokenized / "tokenized.json") == {
         "task": "classification", "labels": LABELS, "max_length": 16, "padding": "longest"}
 
 
@@ -182,7 +185,7 @@ def test_train_metrics_and_curves(pipeline: Pipeline, tiny_params) -> None:
 def test_saved_adapter_reproduces_the_best_validation_score(pipeline: Pipeline, tiny_params) -> None:
     """The saved adapter is the best checkpoint: rebuilt from disk it scores what train logged.
 
-    Regression (see stages.lib.model.keep_cpu_layout): on AVX512-bf16 CPUs bitsandbytes repacked the 4-bit weights for inference during
+    Regression (see stages.lib.quantized.keep_cpu_layout): on AVX512-bf16 CPUs bitsandbytes repacked the 4-bit weights for inference during
     validation (absmax rounded to bf16; re-quantized with double_quant) and the inverse did not
     restore them, so every step after the first validation trained and validated a slightly
     different base than the one the adapter is later loaded onto. Sensitive only when the best
@@ -266,9 +269,10 @@ def test_merged_export_is_the_full_precision_base_plus_lora(pipeline: Pipeline, 
 
     data, _ = load_tokenized(pipeline.tokenized)
     sequences = data["test"][0]
-    meta = read_json(pipeline.adapter / "pipeline.json")
+    meta = AdapterMeta.load(pipeline.adapter / "pipeline.json")
     cpu = torch.device("cpu")
-    base = load_base(pipeline.base, LABELS, {"type": "none"}, meta["modules_to_save"], cpu, torch.float32)
+    base = load_base(pipeline.base, LABELS, dataclasses.replace(meta.quant, type="none"), meta.modules_to_save,
+                     cpu, torch.float32)
     unmerged = PeftModel.from_pretrained(base, pipeline.adapter).eval()
     tokens = PackedTokens(sequences, 0, cpu)
     expected = predict_logits(unmerged, tokens, BATCH, cpu, torch.float32)
@@ -304,9 +308,9 @@ def test_exported_bundle_loads_with_plain_peft(pipeline: Pipeline, test_split,
                                                trained_logits: np.ndarray) -> None:
     from peft import PeftModel
 
-    meta = read_json(pipeline.export / "pipeline.json")
+    meta = AdapterMeta.load(pipeline.export / "pipeline.json")
     torch.manual_seed(1234)  # any head init: the saved one must replace it
-    base = load_base(pipeline.base, meta["labels"], meta["quant"], meta["modules_to_save"],
+    base = load_base(pipeline.base, meta.labels, meta.quant, meta.modules_to_save,
                      torch.device("cpu"), torch.float32)
     model = PeftModel.from_pretrained(base, pipeline.export, is_trainable=False).eval()
     cpu = torch.device("cpu")
@@ -316,7 +320,7 @@ def test_exported_bundle_loads_with_plain_peft(pipeline: Pipeline, test_split,
 
 def test_trained_head_is_saved_not_reinitialized(pipeline: Pipeline, test_split,
                                                  trained_logits: np.ndarray) -> None:
-    meta = read_json(pipeline.adapter / "pipeline.json")
+    meta = AdapterMeta.load(pipeline.adapter / "pipeline.json")
     saved = {k: v for k, v in safetensors_dict(pipeline.adapter / "adapter_model.safetensors").items()
              if ".classifier." in k}
     torch.manual_seed(99)
@@ -330,7 +334,7 @@ def test_trained_head_is_saved_not_reinitialized(pipeline: Pipeline, test_split,
         assert torch.equal(match[0].detach().cpu(), tensor), key
     # a fresh random head (what a missing modules_to_save would leave) predicts differently
     torch.manual_seed(99)
-    fresh = load_base(pipeline.base, meta["labels"], meta["quant"], meta["modules_to_save"],
+    fresh = load_base(pipeline.base, meta.labels, meta.quant, meta.modules_to_save,
                       torch.device("cpu"), torch.float32).eval()
     cpu = torch.device("cpu")
     fresh_logits = predict_logits(fresh, PackedTokens(test_split[0], 0, cpu), BATCH, cpu, torch.float32)

@@ -247,6 +247,15 @@ class Params(Mapping[str, Any]):
         """The declared keys of one section, without the section prefix."""
         return {k.split(".", 1)[1]: v for k, v in self._values.items() if k.startswith(name + ".")}
 
+    def typed(self, name: str) -> Any:
+        """A section as its frozen schema dataclass (Train, Quant, ...); the stage must have
+        declared every key of it."""
+        cls = SCHEMA[name]
+        missing = [f"{name}.{f.name}" for f in dataclasses.fields(cls) if f"{name}.{f.name}" not in self._values]
+        if missing:  # a bug in the stage, not a user mistake
+            raise KeyError(f"params keys {missing} are not in this stage's PARAMS {self._declared}")
+        return cls(**self.section(name))
+
 
 def load_params(path: str | Path, declared: Iterable[str]) -> Params:
     """Read and validate the whole params file; return only the declared keys."""

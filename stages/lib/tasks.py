@@ -16,42 +16,24 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 from tqdm import tqdm
 
-from stages.lib.data import PackedTokens
-from stages.lib.model import autocast, pad_multiple, predict_logits
+from stages.lib.batches import PackedTokens, TokenBlocks, pad_multiple, predict_logits
+from stages.lib.params import Task
+from stages.lib.quantized import autocast
 
 SCORE_SEED = 1234
 LOSS_LIKE = ("loss", "perplexity")  # lower is better
 
 
-class TokenBlocks:
-    """A language-model split: equal-length token blocks, batched as input_ids, attention_mask
-    and labels (masked-lm: masked by `mask`, labels only at masked positions)."""
-
-    def __init__(self, blocks: Sequence[Sequence[int]], device: torch.device, mask: Any = None):
-        self.ids = torch.tensor(blocks, dtype=torch.long).reshape(len(blocks), -1)
-        self.lengths = [self.ids.shape[1]] * len(blocks)
-        self.device, self.mask = device, mask
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        ids = self.ids[list(indices)]
-        inputs, labels = self.mask.torch_mask_tokens(ids.clone()) if self.mask else (ids, ids)
-        return {"input_ids": inputs.to(self.device), "attention_mask": torch.ones_like(inputs).to(self.device),
-                "labels": labels.to(self.device)}
-
-
 class Objective:
     """One task type's examples and scores; `metric` picks the best checkpoint."""
 
-    def __init__(self, task: dict[str, Any], tokenizer: Any = None):
-        self.type, self.metric = task["type"], task["metric"]
-        self.mlm_probability = task.get("mlm_probability", 0.15)
+    def __init__(self, task: Task, tokenizer: Any = None):
+        self.type, self.metric, self.mlm_probability = task.type, task.metric, task.mlm_probability
         self.tokenizer = tokenizer
 
     def better(self, scores: dict[str, float], best: dict[str, float]) -> bool:
@@ -87,13 +69,30 @@ class Objective:
         return language_model_scores(model, examples, batch_size, device, dtype, desc)
 
 
+def label_scores(labels: Sequence[int], predicted: Sequence[int],
+                 classes: Sequence[int] | None = None) -> dict[str, float]:
+    """Accuracy, macro- and weighted F1 of predicted class ids. F1 averages over `classes`
+    (evaluate: every class, so one the test split lacks counts as 0), or, when None, over the
+    classes present in labels or predictions (validation, as it always has)."""
+    f1 = {"labels": None if classes is None else list(classes), "zero_division": 0}
+    return {"accuracy": float((np.asarray(predicted) == np.asarray(labels)).mean()),
+            "f1_macro": float(f1_score(labels, predicted, average="macro", **f1)),
+            "f1_weighted": float(f1_score(labels, predicted, average="weighted", **f1))}
+
+
 def classification_scores(logits: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
-    target = torch.tensor(labels)
-    predicted = logits.argmax(-1).numpy()
-    return {"loss": torch.nn.functional.cross_entropy(logits, target).item(),
-            "accuracy": float((predicted == target.numpy()).mean()),
-            "f1_macro": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-            "f1_weighted": float(f1_score(labels, predicted, average="weighted", zero_division=0))}
+    """A validation split's loss and label_scores."""
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
+    return {"loss": loss, **label_scores(labels, logits.argmax(-1).numpy())}
+
+
+def per_class_scores(labels: Sequence[int], predicted: Sequence[int],
+                     names: Sequence[str]) -> dict[str, dict[str, float | int]]:
+    """Precision, recall, F1 and support of each class, by name."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=list(range(len(names))), zero_division=0)
+    return {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": int(support[i])} for i, name in enumerate(names)}
 
 
 @torch.inference_mode()
@@ -117,6 +116,7 @@ def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_siz
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
-def describe(scores: dict[str, float]) -> str:
+def format_scores(scores: dict[str, float]) -> str:
+    """Scores for a log line: `loss 0.4120, accuracy 0.8790`."""
     return ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
 
