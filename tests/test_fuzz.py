@@ -33,11 +33,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from helpers import LABELS, ROOT, Pipeline, error_message, leftovers
-from stages.lib.data import load_labelled, read_table
 from stages.lib.io import run_main
-from stages.lib.model import Classifier, load_adapter
+from stages.lib.adapter import Classifier, load_adapter
 from stages.lib.params import UserError
-from stages.predict import OUTPUT_COLUMNS, predict_csv
+from stages.cli.predict import OUTPUT_COLUMNS, predict_csv
+from stages.lib.tables import load_labelled, read_table
 
 
 def fuzz(examples: int) -> settings:
@@ -303,7 +303,7 @@ BIG_CELL = "word " * 1_000_000  # 5 MB
 LOAD_IN_CHILD = """\
 import json, sys
 from pathlib import Path
-from stages.lib.data import load_labelled
+from stages.lib.tables import load_labelled
 from stages.lib.params import UserError
 for path in sys.argv[1:]:
     try:
@@ -453,11 +453,11 @@ MEASURE_RSS = ("import resource, subprocess, sys; status = subprocess.call(sys.a
 
 
 def run_cli(args: list[str], timeout: float) -> CliRun:
-    """`python -m stages.predict ARGS` under MEASURE_RSS, killed after `timeout` seconds."""
+    """`python -m stages.cli.predict ARGS` under MEASURE_RSS, killed after `timeout` seconds."""
     # One intra-op thread: on a 2-core box shared with other processes, OpenMP threads spin
     # against each other and the million-row run took 222 s instead of 54 s.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    argv = [sys.executable, "-c", MEASURE_RSS, sys.executable, "-m", "stages.predict", *args]
+    argv = [sys.executable, "-c", MEASURE_RSS, sys.executable, "-m", "stages.cli.predict", *args]
     with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as proc:
         try:

@@ -1,4 +1,4 @@
-"""stages.report: the sweep comparison built from `dvc exp show --json` output."""
+"""stages.cli.report: the sweep comparison built from `dvc exp show --json` output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import error_message, leftovers
-from stages import report
+from stages.cli import report
 
 
 def _exp(name: str, r: int, accuracy: float | None) -> dict:

@@ -1,7 +1,7 @@
 """serve: a real uvicorn server on loopback with two adapters on one base, over real HTTP.
 
 The adapters are the session pipeline's export and a second one trained with other params
-(lora.r 8, train.seed 7); both must give exactly what `stages.predict` gives for them.
+(lora.r 8, train.seed 7); both must give exactly what qlora-predict (stages.cli.predict) gives for them.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 from helpers import LABELS, ROOT, Pipeline, error_message, run_stage
 
-from stages.lib.model import load_adapter
-from stages.predict import predict_texts
-from stages.serve import Limits, create_app, load_adapters, main
+from stages.cli.predict import predict_texts
+from stages.cli.serve.app import Limits, create_app, main
+from stages.lib.adapter import load_adapter, load_adapters
 
 LIMITS = Limits(max_batch_size=8, max_texts=16, max_text_chars=400, max_body_bytes=8192,
                 batch_wait_ms=50)  # a long wait, so concurrent test requests surely meet

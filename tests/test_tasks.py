@@ -108,8 +108,8 @@ def test_trainable_parameter_count_matches_peft_and_the_model(recipe_run) -> Non
 
 def test_export_reloads_to_the_same_outputs(recipe_run) -> None:
     """The exported bundle, loaded on its own, scores the test split as evaluate did."""
-    from stages.lib.data import load_tokenized
-    from stages.lib.model import load_adapter, load_language_model
+    from stages.lib.adapter import load_adapter, load_language_model
+    from stages.lib.tokenized import load_tokenized
     from stages.lib.tasks import Objective
 
     recipe, run = recipe_run
@@ -134,7 +134,7 @@ def test_generation_has_the_requested_length(recipe_run, capsys) -> None:
     samples = json.loads((run.metrics / "evaluate" / "samples.json").read_text())
     prompts = read_yaml(run.params)["generate"]["prompts"]
     assert [s["prompt"] for s in samples["samples"]] == prompts
-    from stages.lib.model import load_language_model
+    from stages.lib.adapter import load_language_model
 
     lm = load_language_model(run.export, base_dir=run.base)
     assert all(s["text"] for s in samples["samples"])
@@ -142,7 +142,7 @@ def test_generation_has_the_requested_length(recipe_run, capsys) -> None:
     assert [len(i) for i in ids] == [11, 11]
     assert lm.generate_ids(["ROMEO:"], 5, do_sample=False) == lm.generate_ids(["ROMEO:"], 5, do_sample=False)
     # the CLI: the same seed prints the same text, the text generate_ids gives
-    from stages import generate
+    from stages.cli import generate
 
     argv = ["--model", str(run.export), "--max-new-tokens", "11", "--seed", "3", "ROMEO:"]
     assert generate.main(argv) == 0
@@ -155,7 +155,7 @@ def test_generation_has_the_requested_length(recipe_run, capsys) -> None:
 # --- errors --------------------------------------------------------------------------------
 
 def test_generate_refuses_a_classifier(pipeline: Pipeline, capsys) -> None:
-    from stages import generate
+    from stages.cli import generate
 
     assert generate.main(["--model", str(pipeline.export), "hello"]) == 1
     assert "a classification adapter, not a language model" in error_message(capsys.readouterr().err)
@@ -165,7 +165,7 @@ def test_predict_refuses_a_language_model(recipe_run, capsys) -> None:
     recipe, run = recipe_run
     if recipe == "intent-classification":
         pytest.skip("a classifier")
-    from stages import predict
+    from stages.cli import predict
 
     assert predict.main(["--model", str(run.export), "hello"]) == 1
     assert f"a {recipe} adapter, not a classifier" in error_message(capsys.readouterr().err)
@@ -176,9 +176,9 @@ def test_serve_refuses_a_language_model(recipe_run) -> None:
     if recipe == "intent-classification":
         pytest.skip("a classifier")
     from stages.lib.params import UserError
-    from stages.serve import load_adapters
+    from stages.lib.adapter import load_adapters
 
-    with pytest.raises(UserError, match=f"a {recipe} adapter; the server labels text with classification adapters only"):
+    with pytest.raises(UserError, match=f"a {recipe} adapter, not a classifier"):
         load_adapters({"lm": run.export}, run.base)
 
 
@@ -208,7 +208,7 @@ def test_metric_of_another_task_is_refused(tmp_path) -> None:
 
 
 def test_corpus_without_train_file_is_one_clear_error(tmp_path) -> None:
-    from stages.lib.data import find_corpus
+    from stages.lib.tables import find_corpus
     from stages.lib.params import UserError
 
     (tmp_path / "test.txt").write_text("some text\n")
@@ -217,7 +217,7 @@ def test_corpus_without_train_file_is_one_clear_error(tmp_path) -> None:
 
 
 def test_single_file_corpus_is_cut_contiguously() -> None:
-    from stages.lib.data import split_corpus
+    from stages.lib.tables import split_corpus
 
     lines = [f"{i}\n" for i in range(100)]
     parts = split_corpus({"train": lines}, 0.1)
@@ -228,7 +228,7 @@ def test_single_file_corpus_is_cut_contiguously() -> None:
 def test_token_blocks_are_cut_from_the_concatenated_lines(tiny_model_dir) -> None:
     from transformers import AutoTokenizer
 
-    from stages.lib.data import token_blocks
+    from stages.tokenize import token_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     lines = ["the cat sat\n", " \n", "on the mat today\n"]
@@ -259,7 +259,9 @@ def test_a_hub_id_loads_through_the_hub_cache(tmp_path, decoder_configs, monkeyp
     a cache laid out as the hub writes it) and gets a GPT-2 classifier told to pad with eos."""
     import huggingface_hub.constants
 
-    from stages.lib.model import load_base, load_tokenizer, random_init_model, resolve_model_source
+    from stages.lib.params import Quant
+    from stages.lib.quantized import load_base
+    from stages.lib.sources import load_tokenizer, random_init_model, resolve_model_source
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--gpt2"
@@ -270,7 +272,7 @@ def test_a_hub_id_loads_through_the_hub_cache(tmp_path, decoder_configs, monkeyp
     directory, origin = resolve_model_source("gpt2", "main")
     assert origin == {"kind": "hub", "repo_id": "gpt2", "revision": "main", "commit": commit,
                       "name_or_path": "gpt2"}
-    quant = {"type": "nf4", "double_quant": True, "compute_dtype": "fp32"}
+    quant = Quant(type="nf4", double_quant=True, compute_dtype="fp32", cache_dequantized=False)
     model = load_base(directory, list(INTENTS), quant, ["score"], torch.device("cpu"), torch.float32)
     tokenizer = load_tokenizer(directory)
     assert type(model).__name__ == "GPT2ForSequenceClassification"

@@ -1,6 +1,6 @@
 """generate: write text with an exported (or trained) causal-lm adapter.
 
-    python -m stages.generate --model models/export "ROMEO:" "First Citizen:"
+    python -m stages.cli.generate --model models/export "ROMEO:" "First Citizen:"
     qlora-generate --model models/export --max-new-tokens 100 --greedy "ROMEO:"
 
 Each prompt's continuation is printed after a `--- <prompt>` line: exactly --max-new-tokens
@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stages.lib.adapter import load_language_model
 from stages.lib.io import run_main
-from stages.lib.model import load_language_model, memory_hint
 from stages.lib.params import UserError
+from stages.lib.quantized import memory_hint
 
 
 def main(argv: list[str] | None = None) -> int:

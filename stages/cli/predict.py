@@ -1,8 +1,10 @@
 """predict: label new text with an exported (or trained) adapter.
 
-    python -m stages.predict --model models/export --input in.csv --output out.csv
-    python -m stages.predict --model models/export "Stocks rally as oil prices fall" ...
-    python -m stages.predict --model models/export --merged --compile --batch-size 2048 --input ...  # GPU
+    qlora-predict --model models/export --input in.csv --output out.csv
+    qlora-predict --model models/export "Stocks rally as oil prices fall" ...
+    qlora-predict --model models/export --merged --compile --batch-size 2048 --input ...  # GPU
+
+(or python -m stages.cli.predict).
 
 The input CSV needs a `text` column; its other columns are kept, and `label_id`, `label` (the
 class name) and `score` (the class probability) are added (an input column of one of those names
@@ -19,25 +21,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from stages.lib.data import column_list, reject_surplus_fields
+from stages.lib.adapter import Classifier, load_adapter
 from stages.lib.io import atomic_file, run_main
-from stages.lib.model import Classifier, load_adapter, memory_hint
 from stages.lib.params import UserError
+from stages.lib.quantized import memory_hint
+from stages.lib.tables import column_list, reject_surplus_fields
 
 CHUNK_ROWS = 20_000
 
 
 def predict_texts(classifier: Classifier, texts: Sequence[str], batch_size: int) -> pd.DataFrame:
     """label_id, label and score columns for `texts`, in order."""
-    logits = classifier.logits(classifier.encode(texts), batch_size)
-    probs = torch.from_numpy(logits).softmax(-1)
-    score, label_id = probs.max(-1)
-    return pd.DataFrame({"label_id": label_id.numpy(),
-                         "label": [classifier.labels[i] for i in label_id.tolist()],
-                         "score": score.numpy().round(6)})
+    label_id, score = classifier.top_labels(classifier.logits(classifier.encode(texts), batch_size))
+    return pd.DataFrame({"label_id": label_id, "label": [classifier.labels[i] for i in label_id.tolist()],
+                         "score": score.round(6)})
 
 
 OUTPUT_COLUMNS = ("label_id", "label", "score")

@@ -1,7 +1,7 @@
 """report: compare experiments after a sweep, as a Markdown table and two scatter plots.
 
-    python -m stages.report --out reports/             # runs `dvc exp show --json -A`
-    python -m stages.report --input exps.json --out reports/
+    qlora-report --out reports/             # runs `dvc exp show --json -A`
+    qlora-report --input exps.json --out reports/   # or python -m stages.cli.report
 
 Writes <out>/experiments.md (one row per experiment: the params that differ between them, the
 task type, test accuracy and macro-F1 or perplexity, trainable parameters, training time and

@@ -1,6 +1,6 @@
 """serve: classify text over HTTP with one 4-bit base model and several LoRA adapters.
 
-    python -m stages.serve --adapter news=models/export --adapter news-r8=other/export \
+    qlora-serve --adapter news=models/export --adapter news-r8=other/export \
         [--base models/base] --host 127.0.0.1 --port 8000
 
 POST /v1/classify  {"adapter": "news", "texts": ["...", ...]}
@@ -14,7 +14,8 @@ is attached to it with PEFT under its NAME, each with its own classification hea
 quantization, modules_to_save and the number of labels; label names, max_length and LoRA rank
 may differ. Requests for one adapter that arrive within --batch-wait-ms of each other are merged
 and run in forward passes of up to --max-batch-size texts, tokenized and padded exactly as
-`python -m stages.predict` does, so the scores are the same.
+qlora-predict does, so the scores are the same. The batching is batcher.py's, the metrics
+metrics.py's; this module holds the HTTP API, its request checks and the command line.
 """
 
 from __future__ import annotations
@@ -22,34 +23,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import sys
 import time
-from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import prometheus_client
 import torch
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
+from stages.cli.serve.batcher import Batcher
+from stages.cli.serve.metrics import Metrics
+from stages.lib.adapter import Classifier, load_adapters
 from stages.lib.io import require_dir, run_main
-from stages.lib.model import (ADAPTER_WEIGHTS, Classifier, compute_setup, load_base,
-                              read_adapter_meta, resolve_model_source, task_of)
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
 
 # PEFT keeps adapters in torch ModuleDicts, whose keys cannot contain dots.
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class Limits:
             raise UserError(f"--batch-wait-ms: expected a number >= 0, got {self.batch_wait_ms}")
 
 
-# --- loading: one base, many adapters ------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------
 
 def parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
     """`NAME=DIR` arguments as {name: directory}, in the order given."""
@@ -84,73 +82,6 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
             raise UserError(f"--adapter {spec}: adapter name {name!r} given twice")
         adapters[name] = Path(directory)
     return adapters
-
-
-def base_identity(meta: dict[str, Any]) -> Any:
-    """The base weights an adapter was trained on: their hashes where recorded, since one name
-    (a hub id, a directory) can hold other weights at another time."""
-    return meta["base"].get("sha256") or meta["base"]["name_or_path"]
-
-
-def differences(meta: dict[str, Any], ref: dict[str, Any]) -> list[str]:
-    """What keeps two adapters from sharing one loaded base model."""
-    found = []
-    if base_identity(meta) != base_identity(ref):
-        mine, theirs = meta["base"]["name_or_path"], ref["base"]["name_or_path"]
-        found.append(f"base model {mine} vs {theirs}" if mine != theirs
-                     else f"base model {mine} with other weights (sha256)")
-    for key in ("type", "double_quant", "compute_dtype"):
-        if meta["quant"][key] != ref["quant"][key]:
-            found.append(f"quant.{key} {meta['quant'][key]} vs {ref['quant'][key]}")
-    if len(meta["labels"]) != len(ref["labels"]):
-        found.append(f"{len(meta['labels'])} labels vs {len(ref['labels'])}")
-    if sorted(meta["modules_to_save"]) != sorted(ref["modules_to_save"]):  # decides what stays unquantized
-        found.append(f"modules_to_save {meta['modules_to_save']} vs {ref['modules_to_save']}")
-    return found
-
-
-def check_compatible(adapters: Mapping[str, Path], metas: Mapping[str, dict[str, Any]]) -> None:
-    first = next(iter(metas))
-    for name, meta in metas.items():
-        found = differences(meta, metas[first])
-        if found:
-            raise UserError(f"--adapter {name}={adapters[name]}: differs from adapter {first}: "
-                            f"{'; '.join(found)} (adapters served together share one base "
-                            "model, quantization, modules_to_save and number of labels)")
-
-
-def load_adapters(adapters: Mapping[str, Path], base_dir: Path | None = None) -> dict[str, Classifier]:
-    """Load the base once and attach every adapter to it; one Classifier per adapter, all
-    sharing one PeftModel (switch with `model.set_adapter(name)` before a forward pass)."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-    from transformers import AutoTokenizer
-
-    metas = {name: read_adapter_meta(d, f"--adapter {name}={d}") for name, d in adapters.items()}
-    for name, meta in metas.items():
-        if task_of(meta) != "classification":
-            raise UserError(f"--adapter {name}={adapters[name]}: a {task_of(meta)} adapter; the "
-                            "server labels text with classification adapters only")
-    check_compatible(adapters, metas)  # before the slow model load
-    meta = next(iter(metas.values()))
-    if base_dir is None:
-        base_dir, _ = resolve_model_source(meta["base"]["name_or_path"], meta["base"].get("revision", "main"))
-    device, dtype = compute_setup(meta["quant"]["compute_dtype"])
-    model = load_base(Path(base_dir), meta["labels"], meta["quant"], meta["modules_to_save"], device, dtype)
-    for name, directory in adapters.items():
-        try:
-            if isinstance(model, PeftModel):
-                model.load_adapter(directory, adapter_name=name, is_trainable=False)
-            else:
-                model = PeftModel.from_pretrained(model, directory, adapter_name=name, is_trainable=False)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise UserError(f"--adapter {name}={directory}: {ADAPTER_WEIGHTS} is corrupt or "
-                            f"does not match the base model ({str(e).splitlines()[0][:200]})") from None
-        log.info("serve: adapter %s <- %s (r=%s, labels %s)", name, directory,
-                 metas[name]["lora"]["r"], ", ".join(metas[name]["labels"]))
-    model.eval()
-    return {name: Classifier(model, AutoTokenizer.from_pretrained(d), metas[name], device, dtype)
-            for name, d in adapters.items()}
 
 
 # --- API models and request checks --------------------------------------------------------
@@ -172,14 +103,7 @@ class ClassifyResponse(BaseModel):
     results: list[Prediction]
 
 
-def top_labels(classifier: Classifier, logits: np.ndarray) -> list[Prediction]:
-    """The most likely label of each row, computed as stages.predict.predict_texts does."""
-    score, label_id = torch.from_numpy(logits).softmax(-1).max(-1)
-    return [Prediction(label=classifier.labels[i], label_id=i, score=round(s, 6))
-            for i, s in zip(label_id.tolist(), score.tolist())]
-
-
-def describe(error: ValidationError) -> str:
+def request_error(error: ValidationError) -> str:
     """One line for a request that does not parse: where (`texts[2]`) and what."""
     first = error.errors(include_url=False)[0]
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
@@ -214,169 +138,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-# --- metrics ------------------------------------------------------------------------------
-
-class Histogram:
-    """Cumulative bucket counts, sum and count, as a Prometheus histogram reports them."""
-
-    def __init__(self, bounds: Sequence[float]):
-        self.bounds = tuple(bounds)
-        self.counts = [0] * len(self.bounds)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        buckets = [*zip(self.bounds, self.counts), ("+Inf", self.count)]
-        return ([f'{name}_bucket{{{labels},le="{bound}"}} {n}' for bound, n in buckets]
-                + [f"{name}_sum{{{labels}}} {self.sum}", f"{name}_count{{{labels}}} {self.count}"])
-
-
-class Metrics:
-    """Counters and histograms in the Prometheus text format. Only the event loop thread
-    updates them, so they need no lock."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.texts: Counter[str] = Counter()
-        self.batches: Counter[str] = Counter()
-        self.batch_texts = defaultdict(lambda: Histogram(SIZE_BUCKETS))
-        self.batch_requests = defaultdict(lambda: Histogram(SIZE_BUCKETS))
-        self.latency = defaultdict(lambda: Histogram(LATENCY_BUCKETS_S))
-
-    def observe_batch(self, adapter: str, requests: int, texts: int, max_batch_size: int) -> None:
-        """One model call: `texts` from `requests` requests, in forward passes of at most
-        max_batch_size texts (as predict_logits cuts them)."""
-        self.texts[adapter] += texts
-        self.batch_requests[adapter].observe(requests)
-        for start in range(0, texts, max_batch_size):
-            self.batches[adapter] += 1
-            self.batch_texts[adapter].observe(min(max_batch_size, texts - start))
-
-    def render(self) -> str:
-        out: list[str] = []
-
-        def family(name: str, kind: str, help_: str, rows: list[str]) -> None:
-            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *rows])
-
-        family("qlora_serve_requests_total", "counter", "Classify requests by adapter and HTTP status "
-               "(adapter is empty when the request named no loaded adapter).",
-               [f'qlora_serve_requests_total{{adapter="{a}",status="{s}"}} {n}'
-                for (a, s), n in sorted(self.requests.items())])
-        family("qlora_serve_texts_total", "counter", "Texts classified.",
-               [f'qlora_serve_texts_total{{adapter="{a}"}} {n}' for a, n in sorted(self.texts.items())])
-        family("qlora_serve_batches_total", "counter", "Forward passes run.",
-               [f'qlora_serve_batches_total{{adapter="{a}"}} {n}' for a, n in sorted(self.batches.items())])
-        for name, kind, help_, hists in (
-                ("qlora_serve_batch_size_texts", "histogram", "Texts per forward pass.", self.batch_texts),
-                ("qlora_serve_batch_requests", "histogram", "Requests merged into one model call.",
-                 self.batch_requests),
-                ("qlora_serve_request_duration_seconds", "histogram",
-                 "Latency of successful classify requests, body read to response.", self.latency)):
-            family(name, kind, help_, [line for a, h in sorted(hists.items())
-                                       for line in h.lines(name, f'adapter="{a}"')])
-        return "\n".join(out) + "\n"
-
-
-# --- batching -----------------------------------------------------------------------------
-
-@dataclass
-class Job:
-    adapter: str
-    ids: list[list[int]]  # token ids of the request's texts
-    future: asyncio.Future
-    arrived: float  # event loop time it was queued
-
-
-class Batcher:
-    """Merges queued requests per adapter and runs them on one model thread.
-
-    PEFT switches adapters by setting state on the shared model, and torch modules are not
-    thread-safe, so exactly one forward pass runs at a time, on a dedicated thread that leaves
-    the event loop free to accept and validate requests meanwhile. Tokenizing has a thread of its
-    own: the next requests are tokenized while a forward pass runs (on a GPU, tokenizing 64 texts
-    took a third as long as the forward pass), and one thread because a fast tokenizer fails
-    when called from two threads at once ("Already borrowed").
-    """
-
-    def __init__(self, classifiers: Mapping[str, Classifier], limits: Limits, metrics: Metrics):
-        self.classifiers, self.limits, self.metrics = classifiers, limits, metrics
-        self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self.active: str | None = None  # adapter set on the model; touched on the model thread only
-
-    async def classify(self, adapter: str, texts: list[str]) -> list[Prediction]:
-        loop = asyncio.get_running_loop()
-        # Per text, so the ids are those the predict CLI gets, however requests are merged.
-        ids = await loop.run_in_executor(self.tokenizer_thread, self.classifiers[adapter].encode, texts)
-        job = Job(adapter, ids, loop.create_future(), loop.time())
-        self.queue.put_nowait(job)
-        return await job.future
-
-    async def run(self) -> None:
-        """The one worker: take the oldest queued job, add what arrives within the wait after it
-        (until some adapter has a full batch), then one model call per adapter, oldest first."""
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            texts = Counter({jobs[0].adapter: len(jobs[0].ids)})
-            # Measured from the job's arrival: after a long forward pass, the requests that queued
-            # meanwhile go at once instead of waiting again.
-            deadline = jobs[0].arrived + self.limits.batch_wait_ms / 1000
-            while max(texts.values()) < self.limits.max_batch_size:
-                if self.queue.empty():
-                    try:
-                        job = await asyncio.wait_for(self.queue.get(), deadline - loop.time())
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    job = self.queue.get_nowait()
-                jobs.append(job)
-                texts[job.adapter] += len(job.ids)
-            for adapter in texts:  # insertion order: the adapter of the oldest job first
-                # a request whose client went away has a cancelled future: skip its texts
-                group = [j for j in jobs if j.adapter == adapter and not j.future.done()]
-                if group:
-                    await self.run_group(adapter, group)
-
-    async def run_group(self, adapter: str, jobs: list[Job]) -> None:
-        ids = [seq for j in jobs for seq in j.ids]
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.model_thread, self.predict, adapter, ids)
-        except Exception as e:  # a bug: fail these requests (500), keep serving the rest
-            log.exception("serve: forward pass failed for adapter %s", adapter)
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(e)
-            return
-        self.metrics.observe_batch(adapter, len(jobs), len(ids), self.limits.max_batch_size)
-        start = 0
-        for j in jobs:
-            if not j.future.done():
-                j.future.set_result(results[start:start + len(j.ids)])
-            start += len(j.ids)
-
-    def predict(self, adapter: str, ids: list[list[int]]) -> list[Prediction]:
-        """On the model thread: the predict CLI's path (longest-first batches, each padded to
-        its longest text)."""
-        classifier = self.classifiers[adapter]
-        if self.active != adapter:
-            classifier.model.set_adapter(adapter, inference_mode=True)  # also selects its head
-            self.active = adapter
-        return top_labels(classifier, classifier.logits(ids, self.limits.max_batch_size, desc="serve"))
-
-    def shutdown(self) -> None:
-        self.tokenizer_thread.shutdown(wait=True)
-        self.model_thread.shutdown(wait=True)
-
-
 # --- the app ------------------------------------------------------------------------------
 
 def device_name(device: torch.device) -> str:
@@ -386,20 +147,19 @@ def device_name(device: torch.device) -> str:
 def create_app(classifiers: Mapping[str, Classifier], limits: Limits = Limits()) -> FastAPI:
     """The HTTP API over loaded adapters (from `load_adapters`)."""
     metrics = Metrics()
-    batcher = Batcher(classifiers, limits, metrics)
-    worker: asyncio.Task | None = None
+    batcher = Batcher(classifiers, limits.max_batch_size, limits.batch_wait_ms, metrics)
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):
-        nonlocal worker
-        worker = asyncio.create_task(batcher.run(), name="batcher")
+    async def lifespan(app: FastAPI):
+        app.state.worker = asyncio.create_task(batcher.run(), name="batcher")
         yield
-        worker.cancel()
+        app.state.worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await worker
+            await app.state.worker
         batcher.shutdown()
 
     app = FastAPI(title="qlora-serve", lifespan=lifespan)
+    app.state.worker = None
     # The body is read by hand (to cap its size while streaming); the schema still goes in OpenAPI.
     request_schema = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": ClassifyRequest.model_json_schema()}}}}
@@ -411,7 +171,7 @@ def create_app(classifiers: Mapping[str, Classifier], limits: Limits = Limits())
             try:
                 body = ClassifyRequest.model_validate_json(await read_body(request, limits.max_body_bytes))
             except ValidationError as e:
-                raise HTTPException(422, describe(e)) from None
+                raise HTTPException(422, request_error(e)) from None
             if body.adapter not in classifiers:
                 raise HTTPException(404, f"unknown adapter {body.adapter!r} (loaded: {', '.join(classifiers)})")
             adapter = body.adapter
@@ -420,26 +180,28 @@ def create_app(classifiers: Mapping[str, Classifier], limits: Limits = Limits())
                 raise HTTPException(422, problem)
             results = await batcher.classify(adapter, body.texts)
         except HTTPException as e:
-            metrics.requests[adapter, e.status_code] += 1
+            metrics.observe_request(adapter, e.status_code)
             raise
         except Exception:
-            metrics.requests[adapter, 500] += 1
+            metrics.observe_request(adapter, 500)
             raise
-        metrics.requests[adapter, 200] += 1
-        metrics.latency[adapter].observe(time.perf_counter() - start)
-        return ClassifyResponse(adapter=adapter, results=results)
+        metrics.observe_request(adapter, 200, time.perf_counter() - start)
+        labels = classifiers[adapter].labels
+        # the probability rounded to 6 decimals, as qlora-predict writes it
+        return ClassifyResponse(adapter=adapter, results=[Prediction(label=labels[i], label_id=i, score=round(p, 6))
+                                                          for i, p in results])
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        alive = worker is not None and not worker.done()
+        alive = app.state.worker is not None and not app.state.worker.done()
         device = next(iter(classifiers.values())).device
         return JSONResponse(status_code=200 if alive else 503, content={
             "status": "ok" if alive else "batch worker stopped", "device": device_name(device),
             "adapters": {name: c.labels for name, c in classifiers.items()}})
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus_metrics() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
     return app
 
@@ -460,20 +222,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long a request waits for others to share its forward pass")
     args = parser.parse_args(argv)
 
-    def work() -> None:
-        import uvicorn
+    return run_main(functools.partial(serve, args))
 
-        limits = Limits(args.max_batch_size, args.max_texts, args.max_text_chars,
-                        args.max_body_bytes, args.batch_wait_ms)
-        limits.check()
-        adapters = parse_adapter_specs(args.adapter)
-        base_dir = require_dir(args.base, "base model") if args.base else None
-        classifiers = load_adapters(adapters, base_dir)
-        log.info("serve: %d adapter(s) on %s, http://%s:%d", len(classifiers),
-                 device_name(next(iter(classifiers.values())).device), args.host, args.port)
-        uvicorn.run(create_app(classifiers, limits), host=args.host, port=args.port, log_level="info")
 
-    return run_main(work)
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    limits = Limits(args.max_batch_size, args.max_texts, args.max_text_chars, args.max_body_bytes,
+                    args.batch_wait_ms)
+    limits.check()
+    adapters = parse_adapter_specs(args.adapter)
+    base_dir = require_dir(args.base, "base model") if args.base else None
+    classifiers = load_adapters(adapters, base_dir)
+    log.info("serve: %d adapter(s) on %s, http://%s:%d", len(classifiers),
+             device_name(next(iter(classifiers.values())).device), args.host, args.port)
+    uvicorn.run(create_app(classifiers, limits), host=args.host, port=args.port, log_level="info")
 
 
 if __name__ == "__main__":

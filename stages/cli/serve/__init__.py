@@ -1,0 +1,1 @@
+"""qlora-serve: the HTTP API (app), its batcher and its Prometheus metrics."""
