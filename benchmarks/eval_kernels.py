@@ -5,7 +5,7 @@ to them buys, on one GPU at AG News lengths.
 
 1. Kernels alone, at the shapes of a batch of 2048 texts:
    - the FFN input layer: Linear then GELU (two kernels) against LinearGELU (GELU in the
-     cuBLASLt epilogue, stages.lib.model);
+     cuBLASLt epilogue, stages.lib.fast_bert);
    - padded attention (a boolean key mask) with each SDPA backend: cuDNN, memory-efficient,
      math; and flash without a mask, a lower bound that padded batches cannot reach.
 2. The pipeline's inference path (`load_adapter(merged=True, compile=True)`, then
@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -45,14 +44,12 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # before torch
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import (agreement, build_classifier, build_model_dir, kernel_summary, load_data,  # noqa: E402
+                    peak_gib, reset_peak, sync)
 
-from eval_probe import agreement, build_classifier, kernel_summary  # noqa: E402
-from speed import build_model_dir, load_data, peak_gib, reset_peak, sync  # noqa: E402
-import stages.lib.model as model_lib  # noqa: E402
-from stages.lib.model import FirstTokenLayer, LinearGELU, load_adapter  # noqa: E402
+import stages.lib.adapter as adapter_lib  # noqa: E402
+from stages.lib.adapter import load_adapter  # noqa: E402
+from stages.lib.fast_bert import FirstTokenLayer, LinearGELU, first_token_last_layer  # noqa: E402
 
 BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
             "flash": "FLASH_ATTENTION"}
@@ -163,7 +160,7 @@ def main() -> None:
             if graphs:
                 classifier.model = compile_regions(classifier.model, mode="reduce-overhead")
                 if "cls" in parts:
-                    model_lib.first_token_last_layer(classifier.model, mode="reduce-overhead")
+                    first_token_last_layer(classifier.model, mode="reduce-overhead")
                 classifier.model = StepMarked(classifier.model)  # outputs are copied out before the next
             fused = sum(isinstance(m, LinearGELU) for m in classifier.model.modules())
             first_token = any(isinstance(m, FirstTokenLayer) for m in classifier.model.modules())
@@ -185,15 +182,16 @@ CHANGES = {"gelu": "fuse_gelu_epilogue", "cls": "first_token_last_layer"}
 
 @contextmanager
 def without(changes: set[str]):
-    """load_adapter without these of its inference changes (stages.lib.model), as it was before them."""
-    saved = {name: getattr(model_lib, CHANGES[name]) for name in changes}
+    """load_adapter without these of its inference changes (the names stages.lib.adapter calls
+    from stages.lib.fast_bert), as it was before them."""
+    saved = {name: getattr(adapter_lib, CHANGES[name]) for name in changes}
     for name in changes:
-        setattr(model_lib, CHANGES[name], lambda model: 0)
+        setattr(adapter_lib, CHANGES[name], lambda model: 0)
     try:
         yield
     finally:
         for name, fn in saved.items():
-            setattr(model_lib, CHANGES[name], fn)
+            setattr(adapter_lib, CHANGES[name], fn)
 
 
 class StepMarked(torch.nn.Module):

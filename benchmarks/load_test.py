@@ -1,9 +1,9 @@
-"""Load test for `stages.serve`: requests/s, texts/s and latency percentiles per concurrency.
+"""Load test for qlora-serve (`stages.cli.serve`): requests/s, texts/s and latency percentiles per concurrency.
 
     python benchmarks/load_test.py --serve news=models/export --concurrency 1,8,32
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --adapter news --concurrency 16
 
---serve starts `python -m stages.serve` on a free loopback port (and stops it at the end); --url
+--serve starts `python -m stages.cli.serve` on a free loopback port (and stops it at the end); --url
 uses a server that is already running. Each concurrency level runs that many users, each sending
 one request after another on its own connection, until --requests requests or --duration-s
 seconds, whichever comes first; the users are spread over --processes client processes. The texts
@@ -40,9 +40,9 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, log_file) -> tuple[subprocess.Popen, str]:
-    """`python -m stages.serve` on loopback; returns once /healthz answers."""
+    """`python -m stages.cli.serve` on loopback; returns once /healthz answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "stages.serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "stages.cli.serve", "--host", "127.0.0.1", "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
     cmd += [a for spec in args.serve for a in ("--adapter", spec)]
     cmd += ["--base", args.base] if args.base else []
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     target.add_argument("--serve", action="append", metavar="NAME=DIR",
-                        help="start stages.serve with this adapter (repeat for more)")
+                        help="start qlora-serve with this adapter (repeat for more)")
     parser.add_argument("--base", help="with --serve: base model directory")
     parser.add_argument("--max-batch-size", type=int, default=64, help="with --serve")
     parser.add_argument("--batch-wait-ms", type=float, default=5, help="with --serve")

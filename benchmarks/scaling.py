@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node N benchmarks/scaling.py [--model bert-base|minilm]
 
-Each run trains with the pipeline's own loop (stages.train.train, with stages.lib.distributed's
+Each run trains with the pipeline's own loop (stages.lib.loop, with stages.lib.distributed's
 Processes, as `python -m stages.train` does with train.processes: N) on AG News, the global batch
 split evenly over the N workers. The main worker prints one JSON line: samples/s over the timed
 epochs, peak GPU memory per worker, and the best validation accuracy. Scaling efficiency is
@@ -20,18 +20,16 @@ unrepeated data, for the accuracy comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import build_model_dir, load_data, peak_gib, quantized_lora_model, reset_peak, train, train_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed.py, beside this file
-from speed import build_model_dir, load_data, peak_gib, quantized_lora_model, reset_peak  # noqa: E402
-
-from stages.lib.distributed import Processes  # noqa: E402
-from stages.train import NullLive, train  # noqa: E402
+from stages.lib.distributed import Processes
+from stages.lib.params import Train
 
 
 def compiled_graphs() -> int:
@@ -41,18 +39,18 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def profile_steps(model, data, pad_id: int, cfg: dict, device, dtype, processes: Processes,
+def profile_steps(model, data, pad_id: int, cfg: Train, device, dtype, processes: Processes,
                   steps: int) -> None:
     """torch.profiler over `steps` training steps (every worker runs them; the main one prints):
     GPU kernel time against wall time, and the kernels that took it."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    short = {**cfg, "epochs": 1, "max_steps": steps, "eval_every_steps": 0}
+    short = dataclasses.replace(cfg, epochs=1, max_steps=steps, eval_every_steps=0)
     val_x, val_y = data["validation"]
     data = {**data, "validation": (val_x[:64], val_y[:64])}  # its end-of-run validation: kept small
     with profile(activities=activities) as prof:
-        summary = train(model, data, pad_id, 0, short, NullLive(), device, dtype, processes=processes)
+        summary = train(model, data, pad_id, short, device, dtype, processes)
     if not processes.is_main:
         return
     events = prof.key_averages()
@@ -115,21 +113,17 @@ def main() -> None:
     share = args.global_batch // processes.count
     accumulation = share // args.micro_batch if args.micro_batch else 1
     torch.manual_seed(42 + processes.rank)
-    cfg = {"seed": 42, "epochs": args.epochs if speed_run else 1, "lr": args.lr,
-           "batch_size": args.global_batch, "weight_decay": 0.01, "warmup_ratio": 0.06,
-           "max_grad_norm": 1.0, "max_steps": 0, "eval_every_steps": 0, "log_every_steps": 50,
-           "checkpoint_every_steps": 0, "group_by_length": True, "gradient_checkpointing": False,
-           "compile": args.compile, "gradient_accumulation_steps": accumulation}
+    cfg = train_config(epochs=args.epochs if speed_run else 1, lr=args.lr, batch_size=args.global_batch,
+                       compile=args.compile, processes=processes.count, gradient_accumulation_steps=accumulation)
     if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
         # Compiled, every batch width must have been seen: a new
         # shape can recompile, which inside the timed epochs would count as training time. One
         # whole epoch has them all (graphs_compiled_in_timed_run checks); eager, a few steps do.
-        train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 0 if args.compile else 4},
-              NullLive(), device, dtype, processes=processes)
+        train(model, data, pad_id, dataclasses.replace(cfg, epochs=1, max_steps=0 if args.compile else 4),
+              device, dtype, processes)
     reset_peak(device)
     graphs = compiled_graphs()
-    summary = train(model, data, pad_id, 0, cfg, NullLive(), device, dtype,
-                    processes=processes)
+    summary = train(model, data, pad_id, cfg, device, dtype, processes)
     recompiled = max(processes.gather(compiled_graphs() - graphs))
     peaks = processes.gather(peak_gib(device))
     if processes.is_main:

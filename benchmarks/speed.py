@@ -5,8 +5,8 @@
 
 Reference recipe (the notebook this project replaces): Hugging Face Trainer, 4-bit NF4 + double
 quant, fp32 compute, batch 16, every text padded to 128 tokens, gradient checkpointing, LoRA r16
-on query/value. Ours: the pipeline's own loop (stages.train.train) and inference path
-(stages.lib.model) with the variants below. Both run on the same AG News data
+on query/value. Ours: the pipeline's own loop (stages.lib.loop) and inference path
+(stages.lib.adapter, stages.lib.batches) with the variants below. Both run on the same AG News data
 (data/ag_news), tokenized with the bert-base-uncased vocabulary.
 
 --model bert-base builds a randomly initialised bert-base-uncased-architecture model (its weights
@@ -17,95 +17,20 @@ offline all-MiniLM-L6-v2 with real weights, for the accuracy comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
+from common import (build_model_dir, load_data, peak_gib, quantized_lora_model, reset_peak, sync, train,
+                    train_config, write_adapter)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from stages.lib.model import (attach_lora, compute_setup, load_adapter, load_base,  # noqa: E402
-                              prepare_for_training, resolve_model_source)
-from stages.train import NullLive, train as pipeline_train  # noqa: E402
-
-LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["query", "value"],
-        "modules_to_save": ["classifier"]}
-NF4 = {"type": "nf4", "double_quant": True}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def build_model_dir(kind: str, out: Path, minilm: str) -> Path:
-    """A model directory for load_base: MiniLM (real weights), or a random-init bert-base."""
-    minilm, _ = resolve_model_source(minilm, "main")
-    if kind == "minilm":
-        return minilm
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig())  # bert-base-uncased's architecture, as its checkpoint: no head
-    model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)  # the same uncased vocabulary
-    return out
-
-
-def load_data(model_dir: Path, max_length: int = 128):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    train = pd.read_csv(ROOT / "data/ag_news/train.csv")
-    test = pd.read_csv(ROOT / "data/ag_news/test.csv")
-    enc = lambda df: tok(df["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]  # noqa: E731
-    return (enc(train), train["label"].tolist()), (enc(test), test["label"].tolist()), tok.pad_token_id
-
-
-def quantized_lora_model(model_dir: Path, compute: str, reference: bool,
-                         cache_dequantized: bool = False, attn: str = "sdpa", base_dropout: bool = True):
-    """NF4 base + LoRA: prepared as the reference recipe does (peft's k-bit preparation, fp32
-    compute, gradient checkpointing), or as the pipeline does."""
-    from peft import prepare_model_for_kbit_training
-
-    device, dtype = compute_setup(compute)
-    model = load_base(model_dir, LABELS, {**NF4, "compute_dtype": compute}, ["classifier"], device, dtype,
-                      attn_implementation=attn)
-    if reference:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    else:
-        model = prepare_for_training(model, False, cache_dequantized, base_dropout)
-    return attach_lora(model, LORA), device, dtype
-
-
-def save_adapter(model, adapter_dir: Path, model_dir: Path, compute: str) -> None:
-    """The adapter directory train writes, as far as load_adapter needs it."""
-    from transformers import AutoTokenizer
-
-    model.save_pretrained(adapter_dir)
-    (adapter_dir / "pipeline.json").write_text(json.dumps({
-        "labels": LABELS, "max_length": 128, "padding": "longest", "modules_to_save": ["classifier"],
-        "quant": {**NF4, "compute_dtype": compute}, "base": {"name_or_path": str(model_dir)}}))
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
+from stages.lib.adapter import load_adapter
 
 
 def run_reference(model_dir: Path, train_data, test_data, pad_id: int, steps: int, eval_n: int,
@@ -171,28 +96,26 @@ def run_ours(model_dir: Path, train_data, test_data, pad_id: int, variant: dict,
     cut = int(n * 0.8)
     data = {"train": (train_data[0][:cut], train_data[1][:cut]),
             "validation": (train_data[0][cut:], train_data[1][cut:])}
-    cfg = {"seed": 42, "epochs": variant["epochs"], "lr": variant["lr"], "batch_size": variant["batch"],
-           "weight_decay": 0.01, "warmup_ratio": 0.06, "max_grad_norm": 1.0, "max_steps": 0,
-           "eval_every_steps": 0, "log_every_steps": 50, "checkpoint_every_steps": 0,
-           "group_by_length": True, "gradient_checkpointing": False, "compile": variant["compile"]}
+    cfg = train_config(epochs=variant["epochs"], lr=variant["lr"], batch_size=variant["batch"],
+                       compile=variant["compile"])
     if not accuracy:  # warm-up run: compile and autotune outside the timing
-        warm = {**cfg, "epochs": 1, "max_steps": 3 if not variant["compile"] else 2 * math.ceil(cut / cfg["batch_size"])}
-        pipeline_train(model, data, pad_id, 0, {**warm, "compile": variant["compile"]}, NullLive(), device, dtype)
+        warm_steps = 3 if not variant["compile"] else 2 * math.ceil(cut / cfg.batch_size)
+        train(model, data, pad_id, dataclasses.replace(cfg, epochs=1, max_steps=warm_steps), device, dtype)
     if variant.get("profile"):
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            pipeline_train(model, data, pad_id, 0, {**cfg, "epochs": 1, "max_steps": 8}, NullLive(), device, dtype)
+            train(model, data, pad_id, dataclasses.replace(cfg, epochs=1, max_steps=8), device, dtype)
         table = prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=30)
         variant["profile"].write_text(table)
         print(table[:6000], flush=True)
     reset_peak(device)
-    summary = pipeline_train(model, data, pad_id, 0, cfg, NullLive(), device, dtype)
+    summary = train(model, data, pad_id, cfg, device, dtype)
     train_peak = peak_gib(device)
     result = {"recipe": variant["name"], "train_samples_per_s": summary["samples_per_s"], "train_peak_gib": train_peak}
     # inference through the pipeline's own path: save the adapter, rebuild it as evaluate does
     with tempfile.TemporaryDirectory() as adapter_dir:
-        save_adapter(model, Path(adapter_dir), model_dir, variant["compute_dtype"])
+        write_adapter(model, Path(adapter_dir), model_dir, variant["compute_dtype"])
         del model
         seqs = test_data[0]
         by_batch = {}
