@@ -121,7 +121,7 @@ def test_export_reloads_to_the_same_outputs(recipe_run) -> None:
         assert float((predicted == data["test"][1]).mean()) == pytest.approx(test["accuracy"])
         return
     lm = load_language_model(run.export, base_dir=run.base)
-    objective = Objective(lm.meta["task"], lm.tokenizer)
+    objective = Objective(lm.meta.task, lm.tokenizer)
     scores = objective.scores(lm.model, objective.examples(data["test"][0], None, 0, lm.device, scoring=True),
                               None, 16, lm.device, lm.dtype)
     assert scores["loss"] == pytest.approx(test["loss"], rel=1e-5)
@@ -240,10 +240,11 @@ def test_token_blocks_are_cut_from_the_concatenated_lines(tiny_model_dir) -> Non
 def test_masks_for_scoring_are_the_same_every_time(tiny_model_dir) -> None:
     from transformers import AutoTokenizer
 
+    from stages.lib.params import Task
     from stages.lib.tasks import SCORE_SEED, Objective
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    objective = Objective({"type": "masked-lm", "metric": "perplexity", "mlm_probability": 0.15}, tokenizer)
+    objective = Objective(Task(type="masked-lm", metric="perplexity", mlm_probability=0.15), tokenizer)
     blocks = torch.randint(1000, 2000, (40, 32)).tolist()
     examples = objective.examples(blocks, None, 0, torch.device("cpu"), scoring=True)
     first = examples.batch(range(40))
