@@ -32,7 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.lib.model import (attach_lora, compute_setup, load_adapter, load_base,  # noqa: E402
+from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta  # noqa: E402
+from stages.lib.io import sha256_file  # noqa: E402
+from stages.lib.model import (hash_adapter_files, attach_lora, compute_setup, load_adapter, load_base,  # noqa: E402
                               prepare_for_training, resolve_model_source)
 from stages.train import NullLive, train as pipeline_train  # noqa: E402
 
@@ -102,10 +104,14 @@ def save_adapter(model, adapter_dir: Path, model_dir: Path, compute: str) -> Non
     from transformers import AutoTokenizer
 
     model.save_pretrained(adapter_dir)
-    (adapter_dir / "pipeline.json").write_text(json.dumps({
-        "labels": LABELS, "max_length": 128, "padding": "longest", "modules_to_save": ["classifier"],
-        "quant": {**NF4, "compute_dtype": compute}, "base": {"name_or_path": str(model_dir)}}))
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(adapter_dir)
+    base = {"kind": "local", "name_or_path": str(model_dir), "path": str(Path(model_dir).resolve()),
+            "sha256": {f.name: sha256_file(f) for f in Path(model_dir).iterdir() if f.suffix == ".safetensors"}}
+    AdapterMeta.from_json(adapter_dir / ADAPTER_META_FILE, {
+        "task": {"type": "classification", "metric": "accuracy", "mlm_probability": 0.15},
+        "labels": LABELS, "max_length": 128, "padding": "longest", "modules_to_save": ["classifier"],
+        "quant": {**NF4, "compute_dtype": compute, "cache_dequantized": False}, "lora": LORA, "train": {},
+        "base": base, "sha256": hash_adapter_files(adapter_dir)}).save(adapter_dir / ADAPTER_META_FILE)
 
 
 def run_reference(model_dir: Path, train_data, test_data, pad_id: int, steps: int, eval_n: int,

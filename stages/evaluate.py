@@ -15,6 +15,7 @@ Writes <metrics-out>/ (DVCLive): metrics.json and timing.json (seconds, samples/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -27,7 +28,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_su
 
 from stages.lib.data import load_tokenized
 from stages.lib.io import TIMING_FILE, atomic_dir, run_main, write_json
-from stages.lib.model import load_adapter, load_language_model, memory_hint, read_adapter_meta, task_of
+from stages.lib.model import load_adapter, load_language_model, memory_hint, read_adapter_meta
 from stages.lib.params import load_params
 from stages.lib.tasks import Objective, describe
 
@@ -55,7 +56,7 @@ def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace
     """Loss and perplexity on the test blocks; causal-lm: samples from the fixed prompts."""
     lm = load_language_model(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
                              compile=p["evaluate.compile"])
-    objective = Objective(lm.meta["task"], lm.tokenizer)
+    objective = Objective(dataclasses.asdict(lm.meta.task), lm.tokenizer)
     start = time.perf_counter()
     with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
         examples = objective.examples(blocks, None, lm.tokenizer.pad_token_id, lm.device, scoring=True)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         p = load_params(args.params, PARAMS)
         data, _ = load_tokenized(Path(args.data))
-        if task_of(read_adapter_meta(Path(args.adapter))) != "classification":
+        if read_adapter_meta(Path(args.adapter)).task_type != "classification":
             evaluate_language_model(p, data["test"][0], args)
             return
         classifier = load_adapter(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],

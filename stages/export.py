@@ -12,6 +12,7 @@ Writes <out>/: adapter_model.safetensors (LoRA + the fully trained head), adapte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -21,10 +22,10 @@ from typing import Any
 
 import torch
 
+from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
-from stages.lib.model import (DTYPES, PIPELINE_FILE, load_base, portable_base_id,
-                              load_tokenizer, quantization_config, task_of,
-                              write_adapter_config)
+from stages.lib.model import (DTYPES, hash_adapter_files, load_base, load_tokenizer, portable_base_id,
+                              quantization_config, read_adapter_meta, write_adapter_config)
 from stages.lib.params import load_params
 
 PARAMS = ("export.merged",)
@@ -37,18 +38,19 @@ PEFT_CLASSES = {"classification": "AutoPeftModelForSequenceClassification",
                 "masked-lm": "AutoPeftModel", "causal-lm": "AutoPeftModelForCausalLM"}
 
 
-def model_card(meta: dict[str, Any], base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
+def model_card(meta: AdapterMeta, base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
     """A Hugging Face model card: front matter, how to load, params, metrics."""
-    task = task_of(meta)
-    params = {"task": meta.get("task", {"type": task}), "quant": meta["quant"], "lora": meta["lora"],
-              "train": meta["train"], "tokenize": {"max_length": meta["max_length"], "padding": meta["padding"]}}
+    task = meta.task_type
+    params = {"task": dataclasses.asdict(meta.task), "quant": meta.quant_dict(),
+              "lora": dataclasses.asdict(meta.lora), "train": meta.train,
+              "tokenize": {"max_length": meta.max_length, "padding": meta.padding}}
     param_rows = "\n".join(f"| {section}.{k} | {v} |" for section, values in params.items()
                            for k, v in values.items())
-    saved = ", ".join(meta["modules_to_save"]) or "none"
+    saved = ", ".join(meta.modules_to_save) or "none"
     if task == "classification":
-        labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta["labels"]))
+        labels = ", ".join(f"{i} = {n}" for i, n in enumerate(meta.labels))
         what, head_args = f"text classifier. Labels: {labels}.", (
-            f"num_labels={len(meta['labels'])}, id2label=dict(enumerate(labels)), ")
+            f"num_labels={len(meta.labels)}, id2label=dict(enumerate(labels)), ")
         use = 'python -m stages.predict --model <this directory> "Stocks rally as oil prices fall"'
         per_class = "\n".join(f"| {n} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |"
                               for n, m in test["per_class"].items())
@@ -64,19 +66,19 @@ accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**, weight
                else "(masked-LM adapters are scored by the pipeline; load them with peft as below)")
         results = f"""## Test metrics ({test['test_blocks']} blocks of {test['block_tokens']} tokens)
 loss **{test['loss']:.4f}**, perplexity **{test['perplexity']:.2f}** (per predicted token)"""
-    best = meta.get("task", {}).get("metric", "accuracy")
+    best = meta.task.metric
     return f"""---
 library_name: peft
 base_model: {base_id}
 pipeline_tag: {PIPELINE_TAGS[task]}
-tags: [qlora, lora, bitsandbytes, {meta['quant']['type']}, qlora-pipeline]
+tags: [qlora, lora, bitsandbytes, {meta.quant.type}, qlora-pipeline]
 ---
 # {base_id} + QLoRA {what.split('.')[0]}
 
-A LoRA adapter (r={meta['lora']['r']}, alpha={meta['lora']['alpha']}, on
-{', '.join(meta['lora']['target_modules'])}), with these modules trained in full: {saved}; for
-`{base_id}` loaded in {meta['quant']['type']} (double quant: {meta['quant']['double_quant']}). A {what}
-Base model provenance: `{json.dumps({k: v for k, v in meta['base'].items() if k != 'sha256'})}`.
+A LoRA adapter (r={meta.lora.r}, alpha={meta.lora.alpha}, on
+{', '.join(meta.lora.target_modules)}), with these modules trained in full: {saved}; for
+`{base_id}` loaded in {meta.quant.type} (double quant: {meta.quant.double_quant}). A {what}
+Base model provenance: `{json.dumps({k: v for k, v in meta.base.to_json().items() if k != 'sha256'})}`.
 
 ## Use
 ```bash
@@ -106,11 +108,11 @@ best validation {best} {train[f'best_val_{best}']:.4f} at step {train['best_step
 """
 
 
-def write_merged(adapter_dir: Path, base_dir: Path, meta: dict[str, Any], out: Path) -> None:
+def write_merged(adapter_dir: Path, base_dir: Path, meta: AdapterMeta, out: Path) -> None:
     """Merge LoRA into a full-precision copy of the base and save it as a plain model."""
     from peft import PeftModel
-    base = load_base(base_dir, meta["labels"], {"type": "none"}, meta["modules_to_save"],
-                     torch.device("cpu"), torch.float32, task=task_of(meta))
+    base = load_base(base_dir, meta.labels, {"type": "none"}, meta.modules_to_save,
+                     torch.device("cpu"), torch.float32, task=meta.task_type)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(adapter_dir).save_pretrained(out)
@@ -129,19 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         p = load_params(args.params, PARAMS)
         adapter_dir = require_dir(args.adapter, "trained adapter")
         base_dir = require_dir(args.base, "base model")
-        meta = read_json(adapter_dir / PIPELINE_FILE)
+        meta = read_adapter_meta(adapter_dir)
         train = read_json(Path(args.metrics) / "train" / "metrics.json")
         test = read_json(Path(args.metrics) / "evaluate" / "metrics.json")
-        base_id = portable_base_id(meta["base"])
+        base_id = portable_base_id(meta.base)
         with atomic_dir(args.out) as tmp:
             for f in adapter_dir.iterdir():
-                if f.is_file() and f.name != "README.md":
+                if f.is_file() and f.name not in ("README.md", ADAPTER_META_FILE):
                     shutil.copyfile(f, tmp / f.name)
             write_adapter_config(tmp, base_model_name_or_path=base_id)
-            bnb = quantization_config(meta["quant"], DTYPES[meta["quant"]["compute_dtype"]],
-                                      meta["modules_to_save"], task_of(meta))
+            bnb = quantization_config(meta.quant_dict(), DTYPES[meta.quant.compute_dtype],
+                                      meta.modules_to_save, meta.task_type)
             if bnb is not None:
                 write_json(tmp / "quantization_config.json", bnb.to_dict())
+            # adapter_config.json now names the portable base: record the bundle's own hashes
+            meta.with_hashes(hash_adapter_files(tmp)).save(tmp / ADAPTER_META_FILE)
             (tmp / "README.md").write_text(model_card(meta, base_id, train, test), encoding="utf-8")
             if p["export.merged"]:
                 write_merged(adapter_dir, base_dir, meta, tmp / "merged")

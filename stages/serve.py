@@ -40,8 +40,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 from stages.lib.io import require_dir, run_main
-from stages.lib.model import (ADAPTER_WEIGHTS, Classifier, compute_setup, load_base,
-                              read_adapter_meta, resolve_model_source, task_of)
+from stages.lib.adapter import ADAPTER_META_FILE, ADAPTER_WEIGHTS, AdapterMeta
+from stages.lib.model import (Classifier, compute_setup, load_base, load_tokenizer,
+                              read_adapter_meta, resolve_adapter_base)
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
@@ -86,30 +87,25 @@ def parse_adapter_specs(specs: Sequence[str]) -> dict[str, Path]:
     return adapters
 
 
-def base_identity(meta: dict[str, Any]) -> Any:
-    """The base weights an adapter was trained on: their hashes where recorded, since one name
-    (a hub id, a directory) can hold other weights at another time."""
-    return meta["base"].get("sha256") or meta["base"]["name_or_path"]
-
-
-def differences(meta: dict[str, Any], ref: dict[str, Any]) -> list[str]:
-    """What keeps two adapters from sharing one loaded base model."""
+def differences(meta: AdapterMeta, ref: AdapterMeta) -> list[str]:
+    """What keeps two adapters from sharing one loaded base model. The base is compared by its
+    files' hashes, since one name (a hub id, a directory) can hold other weights at another time."""
     found = []
-    if base_identity(meta) != base_identity(ref):
-        mine, theirs = meta["base"]["name_or_path"], ref["base"]["name_or_path"]
+    if meta.base.sha256 != ref.base.sha256:
+        mine, theirs = meta.base.name_or_path, ref.base.name_or_path
         found.append(f"base model {mine} vs {theirs}" if mine != theirs
                      else f"base model {mine} with other weights (sha256)")
     for key in ("type", "double_quant", "compute_dtype"):
-        if meta["quant"][key] != ref["quant"][key]:
-            found.append(f"quant.{key} {meta['quant'][key]} vs {ref['quant'][key]}")
-    if len(meta["labels"]) != len(ref["labels"]):
-        found.append(f"{len(meta['labels'])} labels vs {len(ref['labels'])}")
-    if sorted(meta["modules_to_save"]) != sorted(ref["modules_to_save"]):  # decides what stays unquantized
-        found.append(f"modules_to_save {meta['modules_to_save']} vs {ref['modules_to_save']}")
+        if getattr(meta.quant, key) != getattr(ref.quant, key):
+            found.append(f"quant.{key} {getattr(meta.quant, key)} vs {getattr(ref.quant, key)}")
+    if len(meta.labels) != len(ref.labels):
+        found.append(f"{len(meta.labels)} labels vs {len(ref.labels)}")
+    if sorted(meta.modules_to_save) != sorted(ref.modules_to_save):  # decides what stays unquantized
+        found.append(f"modules_to_save {meta.modules_to_save} vs {ref.modules_to_save}")
     return found
 
 
-def check_compatible(adapters: Mapping[str, Path], metas: Mapping[str, dict[str, Any]]) -> None:
+def check_compatible(adapters: Mapping[str, Path], metas: Mapping[str, AdapterMeta]) -> None:
     first = next(iter(metas))
     for name, meta in metas.items():
         found = differences(meta, metas[first])
@@ -124,19 +120,19 @@ def load_adapters(adapters: Mapping[str, Path], base_dir: Path | None = None) ->
     sharing one PeftModel (switch with `model.set_adapter(name)` before a forward pass)."""
     from peft import PeftModel
     from safetensors import SafetensorError
-    from transformers import AutoTokenizer
 
     metas = {name: read_adapter_meta(d, f"--adapter {name}={d}") for name, d in adapters.items()}
     for name, meta in metas.items():
-        if task_of(meta) != "classification":
-            raise UserError(f"--adapter {name}={adapters[name]}: a {task_of(meta)} adapter; the "
+        if meta.task_type != "classification":
+            raise UserError(f"--adapter {name}={adapters[name]}: a {meta.task_type} adapter; the "
                             "server labels text with classification adapters only")
     check_compatible(adapters, metas)  # before the slow model load
-    meta = next(iter(metas.values()))
+    first = next(iter(adapters))
+    meta = metas[first]
     if base_dir is None:
-        base_dir, _ = resolve_model_source(meta["base"]["name_or_path"], meta["base"].get("revision", "main"))
-    device, dtype = compute_setup(meta["quant"]["compute_dtype"])
-    model = load_base(Path(base_dir), meta["labels"], meta["quant"], meta["modules_to_save"], device, dtype)
+        base_dir = resolve_adapter_base(meta.base, adapters[first] / ADAPTER_META_FILE)
+    device, dtype = compute_setup(meta.quant.compute_dtype)
+    model = load_base(Path(base_dir), meta.labels, meta.quant_dict(), meta.modules_to_save, device, dtype)
     for name, directory in adapters.items():
         try:
             if isinstance(model, PeftModel):
@@ -147,9 +143,9 @@ def load_adapters(adapters: Mapping[str, Path], base_dir: Path | None = None) ->
             raise UserError(f"--adapter {name}={directory}: {ADAPTER_WEIGHTS} is corrupt or "
                             f"does not match the base model ({str(e).splitlines()[0][:200]})") from None
         log.info("serve: adapter %s <- %s (r=%s, labels %s)", name, directory,
-                 metas[name]["lora"]["r"], ", ".join(metas[name]["labels"]))
+                 metas[name].lora.r, ", ".join(metas[name].labels))
     model.eval()
-    return {name: Classifier(model, AutoTokenizer.from_pretrained(d), metas[name], device, dtype)
+    return {name: Classifier(model, load_tokenizer(d), metas[name], device, dtype)
             for name, d in adapters.items()}
 
 

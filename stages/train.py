@@ -28,14 +28,14 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta
 from stages.lib.checkpoint import Checkpoint, fingerprint, rng_states, set_rng_states
 from stages.lib.distributed import WORKER_ENV, Processes, launch
 from stages.lib.data import length_grouped_batches, load_tokenized
-from stages.lib.io import (TIMING_FILE, atomic_dir, read_json, require_dir, run_main,
-                           sha256_file, write_json)
-from stages.lib.model import (ADAPTER_WEIGHTS, PIPELINE_FILE, SOURCE_FILE, attach_lora, autocast,
-                              compute_setup, load_base, load_tokenizer, memory_hint,
-                              prepare_for_training, write_adapter_config)
+from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
+from stages.lib.model import (SOURCE_FILE, attach_lora, autocast, compute_setup, hash_adapter_files,
+                              load_base, load_tokenizer, memory_hint, prepare_for_training,
+                              write_adapter_config)
 from stages.lib.tasks import Objective, describe
 from stages.lib.params import UserError, load_params
 
@@ -333,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                 model.save_pretrained(tmp, safe_serialization=True)
                 write_adapter_config(tmp)
                 tokenizer.save_pretrained(tmp)
-                write_json(tmp / PIPELINE_FILE, {**meta, "task": task, "quant": quant, "lora": lora, "train": cfg,
-                                                 "modules_to_save": lora["modules_to_save"],
-                                                 "base": origin,
-                                                 "sha256": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)}})
+                AdapterMeta.from_json(tmp / ADAPTER_META_FILE, {
+                    "task": task, "labels": meta["labels"], "max_length": meta["max_length"],
+                    "padding": meta["padding"], "quant": quant, "lora": lora, "train": cfg,
+                    "modules_to_save": lora["modules_to_save"], "base": origin,
+                    "sha256": hash_adapter_files(tmp)}).save(tmp / ADAPTER_META_FILE)
         checkpoint.remove()
         processes.wait()
         log.info("train: best validation %s %.4f at step %d, %.1f samples/s -> %s", task["metric"],

