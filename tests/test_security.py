@@ -68,8 +68,8 @@ def test_import_path_in_bundle_never_runs(pipeline: Pipeline, tmp_path: Path, mo
         assert message == (f"{evil}/pipeline.json: base.name_or_path: a local base named like a "
                            "package ('package:models.evil.payload')")
     else:
-        assert message == (f"{evil}/pipeline.json: base.name_or_path: package:payload: no installed "
-                           "distribution provides payload/model/config.json (pip install payload)")
+        assert message == (f"{evil}/pipeline.json: base.name_or_path: package:payload: no "
+                           "distribution payload provides payload/model/config.json (pip install payload)")
 
 
 def test_package_base_is_found_without_importing(monkeypatch) -> None:

