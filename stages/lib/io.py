@@ -134,13 +134,28 @@ def _disk_error(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
+def _cleaned_up(target: Path, tmp: Path) -> Iterator[None]:
+    """Around writing `tmp` and renaming it onto `target`: a full or read-only disk becomes one
+    UserError line, and the temporary never outlives the block."""
+    try:
+        yield
+    except Exception as e:
+        if (reason := _disk_error(e)) is not None:
+            raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
+        raise
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` when the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
-    try:
+    with _cleaned_up(target, tmp):
         yield tmp
         _apply_umask(tmp)
         # os.replace cannot swap a non-empty directory: move the old one aside first, so there
@@ -152,13 +167,6 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
         if old is not None:
             _remove(old)
-    except Exception as e:
-        if (reason := _disk_error(e)) is not None:
-            raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
-        raise
-    finally:
-        if tmp.exists():
-            _remove(tmp)
 
 
 @contextlib.contextmanager
@@ -170,20 +178,13 @@ def atomic_file(target: str | Path, mode: str = "w", **open_kwargs: Any) -> Iter
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
     os.close(fd)
     tmp = Path(name)
-    try:
+    with _cleaned_up(target, tmp):
         with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         _apply_umask(tmp)
         os.replace(tmp, target)
-    except Exception as e:
-        if (reason := _disk_error(e)) is not None:
-            raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: str | Path, data: Any) -> None:
