@@ -105,3 +105,14 @@ def test_refuses_a_head_it_cannot_fuse() -> None:
     model.lm_head = torch.nn.Linear(64, 4096, bias=True)
     with pytest.raises(ValueError, match="no plain bias-free Linear"):
         output_head(model)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype() -> None:
+    h, w, labels = _inputs(torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = linear_cross_entropy(h, w, labels, chunk_tokens=8)
+        plain = F.cross_entropy((h @ w.T).float(), labels, ignore_index=-100)  # autocast: bf16 matmul
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(chunked, h, w), _grads(plain, h, w), strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

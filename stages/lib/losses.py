@@ -83,6 +83,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"and {tuple(labels.shape)}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # the head's matmul runs where autocast would run it
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     if num_items is None:
         denominator = (labels != IGNORE_INDEX).sum()
     else:
