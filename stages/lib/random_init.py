@@ -64,7 +64,8 @@ def _model_class(config):
 def meta_model(config) -> torch.nn.Module:
     """The architecture with every weight on the meta device: names and shapes, no memory."""
     with torch.device("meta"):
-        return _model_class(config)._from_config(config, dtype=DTYPE)
+        # .to on the meta device costs nothing; no `dtype=` keyword, whose name changed across versions
+        return _model_class(config)._from_config(config).to(DTYPE)
 
 
 def parameter_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
