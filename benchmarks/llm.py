@@ -22,7 +22,8 @@ gradient-checkpointing set-up, a written-out loop with the chunked cross-entropy
 stages/lib/losses.py, and the same optimizer, lr, clipping and LoRA init (same seed). Variants
 (--ours-variants, comma separated): `<batch>x<accumulation>` plus `+ckpt` (gradient checkpointing
 per decoder layer), `+compile` (torch.compile of each decoder layer), `+offload` (checkpointing
-whose saved layer inputs wait in pinned host memory, stages/lib/offload.py; not with +compile). Every variant sees the same blocks per optimizer step
+whose saved layer inputs wait in pinned host memory, stages/lib/offload.py; not with +compile),
+`+fused` (base matmul and LoRA as one autograd function, stages/lib/fused_lora.py). Every variant sees the same blocks per optimizer step
 (batch x accumulation must equal the standard recipe's), so its losses compare step by step.
 
 Figures per recipe: steady-state tokens/s (steps after --warmup-steps; load and warm-up time are
@@ -57,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from stages.lib.model import attach_lora, compute_setup, load_base, prepare_for_training  # noqa: E402
 # ------------------------------------------------------------------------------------------------
 from stages.lib.losses import chunked_causal_lm_loss  # noqa: E402
+from stages.lib.fused_lora import fuse_lora_4bit  # noqa: E402
 from stages.lib.offload import enable_offloaded_checkpointing  # noqa: E402
 from stages.lib.optimizers import build_optimizer  # noqa: E402
 from stages.lib.random_init import build_quantized_random, meta_model, write_random_init, _config  # noqa: E402
@@ -274,13 +276,13 @@ def run_standard(model_dir: Path, data: list[torch.Tensor], args: argparse.Names
 def parse_variant(spec: str) -> dict[str, Any]:
     head, *flags = spec.split("+")
     batch, _, accumulation = head.partition("x")
-    unknown = set(flags) - {"ckpt", "compile", "offload"}
+    unknown = set(flags) - {"ckpt", "compile", "offload", "fused"}
     if unknown or not batch.isdigit() or not accumulation.isdigit() or {"compile", "offload"} <= set(flags):
-        raise SystemExit(f"error: variant {spec!r}: expected <batch>x<accumulation>[+ckpt][+compile|+offload]")
+        raise SystemExit(f"error: variant {spec!r}: expected <batch>x<accumulation>[+ckpt][+compile|+offload][+fused]")
     # +offload is checkpointing whose saved layer inputs wait in host memory
     return {"name": spec, "batch": int(batch), "accumulation": int(accumulation),
             "checkpointing": "ckpt" in flags or "offload" in flags,
-            "compile": "compile" in flags, "offload": "offload" in flags}
+            "compile": "compile" in flags, "offload": "offload" in flags, "fused": "fused" in flags}
 
 
 def load_ours(model_dir: Path | None, device: torch.device, dtype: torch.dtype, variant: dict[str, Any],
@@ -299,6 +301,8 @@ def load_ours(model_dir: Path | None, device: torch.device, dtype: torch.dtype, 
     model.train()
     if variant["offload"]:
         enable_offloaded_checkpointing(model)
+    if variant["fused"]:
+        fuse_lora_4bit(model)
     if variant["compile"]:
         layers = model.get_base_model().model.layers
         for layer in layers:
@@ -433,7 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="standard recipe: blocks per micro-batch")
     p.add_argument("--accumulation", type=int, default=4, help="standard recipe: micro-batches per step")
     p.add_argument("--ours-variants", default="2x4+ckpt,8x1+ckpt+compile",
-                   help="comma list of <batch>x<accumulation>[+ckpt][+compile][+offload]")
+                   help="comma list of <batch>x<accumulation>[+ckpt][+compile|+offload][+fused]")
     p.add_argument("--optimizer", default="paged_adamw_8bit")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ce-chunk", type=int, default=2048, help="tokens per chunk of the chunked cross-entropy")
@@ -458,7 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # tiny sizes on the CPU; flags given explicitly still win
         p.set_defaults(config=ROOT / "configs/tiny-llama", llama70b_config=ROOT / "configs/tiny-llama",
                        steps=2, warmup_steps=1, block=64, batch=2, accumulation=2,
-                       ours_variants="2x2+ckpt,4x1+offload", ce_chunk=48, context_sizes="128",
+                       ours_variants="2x2+ckpt,4x1+offload+fused", ce_chunk=48, context_sizes="128",
                        sections="standard,ours,context,llama70b", llama70b_block=96, llama70b_steps=2)
     args = p.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
