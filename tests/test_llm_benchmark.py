@@ -23,18 +23,22 @@ def _run(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict
 def test_smoke_runs_every_section(tmp_path: Path) -> None:
     done, results = _run(tmp_path)
     sections = results["sections"]
-    assert set(sections) == {"weights", "standard", "ours[2x2+ckpt]", "ours[4x1+offload+fused]", "context[standard]",
+    assert set(sections) == {"weights", "standard", "standard-kbit", "ours[2x2+ckpt]", "ours[4x1+offload+fused]", "context[standard]",
                              "context[ours]", "llama70b"}
     assert not [name for name, s in sections.items() if "error" in s]
     assert results["machine"]["transformers"] and results["model"]["parameters"] == 598336
-    standard = sections["standard"]
-    assert len(standard["losses"]) == 2 and standard["tokens_per_s"] > 0
-    assert standard["trainer_num_items"][0] in (4 * 63, 4 * 64)  # shifted or not, by transformers version
+    for name, kbit_prep in (("standard", False), ("standard-kbit", True)):
+        standard = sections[name]
+        assert len(standard["losses"]) == 2 and standard["tokens_per_s"] > 0
+        assert standard["settings"]["kbit_prep"] is kbit_prep
+        assert standard["trainer_num_items"][0] in (4 * 63, 4 * 64)  # shifted or not, by transformers version
     for name in ("ours[2x2+ckpt]", "ours[4x1+offload+fused]"):
         ours = sections[name]
         assert ours["tokens_per_s"] > 0 and ours["settings"]["cache_dequantized"] is False
         # fp32 on a CPU: the same maths in another order, equal to float rounding
-        assert ours["loss_vs_standard"]["steps"] == 2 and ours["loss_vs_standard"]["max_rel_diff"] < 1e-4
+        # (prepare_model_for_kbit_training's fp32 upcast changes nothing in an fp32 CPU run)
+        for versus in ("loss_vs_standard", "loss_vs_standard_kbit"):
+            assert ours[versus]["steps"] == 2 and ours[versus]["max_rel_diff"] < 1e-4, (name, versus)
     for recipe in ("standard", "ours"):
         (probe,) = sections[f"context[{recipe}]"]["probes"]
         assert probe["tokens"] == 128 and probe["trained"], probe
