@@ -119,6 +119,27 @@ def output_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
     return body, head
 
 
+# Tokens per chunk of logits in the pipeline's loop and scoring: 1,024 × a 128k vocabulary is
+# 0.5 GiB of fp32 logits at a time, and the matmuls stay large enough to run at full speed.
+CHUNK_TOKENS = 1024
+
+
+class ChunkedCausalLM(torch.nn.Module):
+    """A causal LM (or peft model of one) whose forward returns only the chunked loss: what the
+    training loop calls (DDP wraps this module, so its gradients are averaged as the model's)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = CHUNK_TOKENS):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> Any:
+        from transformers.modeling_outputs import CausalLMOutput
+
+        return CausalLMOutput(loss=chunked_causal_lm_loss(self.model, input_ids, labels, attention_mask,
+                                                          chunk_tokens=self.chunk_tokens))
+
+
 def chunked_causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                            attention_mask: torch.Tensor | None = None,
                            num_items: int | torch.Tensor | None = None, chunk_tokens: int = 1024) -> torch.Tensor:

@@ -26,11 +26,10 @@ from collections.abc import Iterable
 
 import torch
 
-from stages.lib.params import UserError
+from stages.lib.params import OPTIMIZERS, UserError
 
 log = logging.getLogger("qlora")
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 # bitsandbytes' own words when it runs a paged optimizer unpaged on a CPU (logged here instead)
 _CPU_PAGED_WARNING = "Paged optimizers are not supported on CPU"
 

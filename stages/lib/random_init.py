@@ -39,6 +39,8 @@ RECORD_FILE = "random-init.json"
 TOKENIZER_SUFFIXES = (".json", ".txt", ".model")
 DTYPE = torch.bfloat16
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+# Encoders that transformers can also run as a causal LM (BertLMHeadModel): written bare.
+_ENCODERS = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "distilbert")
 
 
 def _config(config_dir: Path, num_layers: int | None = None):
@@ -52,13 +54,19 @@ def _config(config_dir: Path, num_layers: int | None = None):
 
 
 def _model_class(config):
-    """The class named in config.architectures (LlamaForCausalLM), else AutoModelForCausalLM."""
+    """The class named in config.architectures (LlamaForCausalLM: the checkpoint then holds its
+    head too); without one, the causal LM of a decoder's model type (GPT-2, OPT), else the bare
+    model (an encoder: each task adds its own head when it loads the base)."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     for name in getattr(config, "architectures", None) or []:
         if hasattr(transformers, name):
             return getattr(transformers, name)
-    return transformers.AutoModelForCausalLM
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder \
+            and config.model_type not in _ENCODERS:
+        return transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    return transformers.AutoModel._model_mapping[type(config)]
 
 
 def meta_model(config) -> torch.nn.Module:
