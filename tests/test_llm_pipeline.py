@@ -187,3 +187,15 @@ def test_tiny_llama_runs_the_causal_lm_recipe_with_the_llm_settings(tmp_path: Pa
     config = json.loads((run.root / "models/adapter/adapter_config.json").read_text())
     assert {n.rsplit(".", 1)[-1] for n in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"}
+
+
+def test_offloaded_checkpointing_with_compile_is_one_clear_error() -> None:
+    from stages.lib.params import UserError
+    from stages.train import check_batch_shares
+
+    with pytest.raises(UserError) as error:
+        check_batch_shares(dataclasses.replace(CFG, compile=True, gradient_checkpointing="offload"), "params.yaml")
+    assert str(error.value) == ("params.yaml: train.gradient_checkpointing offload does not combine with "
+                                "train.compile true (the offloaded checkpoint runs outside the compiled layers); "
+                                "set one of them differently")
+    check_batch_shares(dataclasses.replace(CFG, compile=True, gradient_checkpointing=True), "params.yaml")
