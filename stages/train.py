@@ -32,7 +32,8 @@ from stages.lib.checkpoint import Checkpoint, fingerprint
 from stages.lib.distributed import WORKER_ENV, Processes, launch
 from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.loop import NullLive, TrainingLoop
-from stages.lib.params import Lora, Quant, Train, UserError, load_params
+from stages.lib.offload import enable_offloaded_checkpointing
+from stages.lib.params import OFFLOAD, Lora, Quant, Train, UserError, load_params
 from stages.lib.quantized import attach_lora, compute_setup, load_base, memory_hint, prepare_for_training
 from stages.lib.sources import SOURCE_FILE, BaseOrigin, load_tokenizer
 from stages.lib.tasks import Objective
@@ -45,7 +46,7 @@ PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
           "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes",
-          "train.gradient_accumulation_steps")
+          "train.gradient_accumulation_steps", "train.optimizer")
 log = logging.getLogger("qlora")
 
 
@@ -62,11 +63,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def check_batch_shares(cfg: Train, params_file: str) -> None:
-    """Each process takes an equal share of every batch, run in equal micro-batches."""
+    """Each process takes an equal share of every batch, run in equal micro-batches; offloaded
+    checkpointing and compilation exclude each other."""
     if cfg.batch_size % cfg.processes:
         raise UserError(f"{params_file}: train.batch_size {cfg.batch_size} is not a multiple of "
                         f"train.processes {cfg.processes} (each process takes an equal share "
                         "of every batch)")
+    if cfg.compile and cfg.gradient_checkpointing == OFFLOAD:
+        raise UserError(f"{params_file}: train.gradient_checkpointing {OFFLOAD} does not combine with "
+                        "train.compile true (the offloaded checkpoint runs outside the compiled layers); "
+                        "set one of them differently")
     share = cfg.batch_size // cfg.processes
     if share % cfg.gradient_accumulation_steps:
         raise UserError(f"{params_file}: each process's share of a batch, train.batch_size / "
@@ -80,6 +86,12 @@ def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg
     """The base, quantized and prepared for training, with LoRA attached."""
     model = load_base(base_dir, labels, quant, lora.modules_to_save, device, dtype, task=task)
     model = prepare_for_training(model, cfg.gradient_checkpointing, quant.cache_dequantized, cfg.base_dropout)
+    if cfg.gradient_checkpointing == OFFLOAD:
+        try:
+            enable_offloaded_checkpointing(model)
+        except ValueError:
+            raise UserError(f"train.gradient_checkpointing: {OFFLOAD} needs transformers' checkpointing "
+                            f"layers, which {type(model).__name__} lacks (use true)") from None
     return attach_lora(model, lora, task)
 
 

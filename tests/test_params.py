@@ -84,6 +84,15 @@ ONE_PROBLEM = [
      ["params.yaml: lora.target_modules: expected a non-empty list of str, got []"]),
     ("list-item-type", _set("data", "label_names", ["World", 1]),
      ["params.yaml: data.label_names: expected list of str, got ['World', 1]"]),
+    ("target-modules-word", _set("lora", "target_modules", "all-layers"),
+     ["params.yaml: lora.target_modules: expected list of str or 'all-linear', got 'all-layers'"]),
+    ("checkpointing-word", _set("train", "gradient_checkpointing", "on"),
+     ["params.yaml: train.gradient_checkpointing: expected bool or 'offload', got 'on'"]),
+    ("checkpointing-int", _set("train", "gradient_checkpointing", 1),
+     ["params.yaml: train.gradient_checkpointing: expected bool or 'offload', got 1"]),
+    ("unknown-optimizer", _set("train", "optimizer", "sgd"),
+     ["params.yaml: train.optimizer: expected one of adamw, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit, "
+      "got 'sgd'"]),
     ("unknown-section", lambda p: p.__setitem__("optim", {"lr": 1}),
      ["params.yaml: optim: unknown section (expected one of " + ", ".join(SCHEMA) + ")"]),
     ("missing-section", lambda p: p.pop("export"),
@@ -171,3 +180,15 @@ def test_stage_with_bad_params_exits_1_before_writing(tmp_path: Path, write_para
     assert message.splitlines() == ["params.yaml: lora.r: expected int >= 1, got 0",
                                     "params.yaml: train.lr: expected float, got 'fast'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [("lora", "target_modules", "all-linear"),
+                                                       ("train", "gradient_checkpointing", "offload"),
+                                                       ("train", "gradient_checkpointing", True),
+                                                       ("train", "optimizer", "paged_adamw_8bit")])
+def test_llm_settings_are_accepted(tmp_path: Path, shipped_params: dict[str, Any], section: str, key: str,
+                                   value: Any) -> None:
+    params = copy.deepcopy(shipped_params)
+    params[section][key] = value
+    write_yaml(tmp_path / "params.yaml", params)
+    assert load_params(tmp_path / "params.yaml", ALL_KEYS)[f"{section}.{key}"] == value

@@ -55,6 +55,28 @@ def test_recipes_carry_the_issue_settings() -> None:
     assert clm["lora"]["r"] == 8 and clm["lora"]["target_modules"] == ["q_proj", "v_proj"]
 
 
+def test_llama_preset_composes_over_the_causal_lm_recipe() -> None:
+    """`dvc exp run -S task=causal-lm -S +preset=llama-3.1-8b`: DVC groups the -S overrides as its
+    CLI does and composes them with Hydra; the preset also selects the causal-LM recipe itself."""
+    from dvc.utils.cli_parse import to_path_overrides
+
+    from stages.lib.params import validate
+
+    (overrides,) = to_path_overrides(["task=causal-lm", "+preset=llama-3.1-8b"]).values()
+    params = compose(overrides)
+    assert params == compose(["+preset=llama-3.1-8b"])
+    flat = validate(params)
+    assert flat["task.type"] == "causal-lm" and flat["data.source"] == "data/tiny_shakespeare"
+    assert flat["model.name_or_path"] == "random-init:configs/llama-3.1-8b"
+    assert (flat["lora.r"], flat["lora.alpha"], flat["lora.target_modules"]) == (32, 32, "all-linear")
+    assert (flat["train.optimizer"], flat["quant.compute_dtype"], flat["tokenize.max_length"]) == \
+        ("paged_adamw_8bit", "bf16", 2048)
+    assert flat["train.batch_size"] == 8 and flat["train.compile"] and flat["train.gradient_checkpointing"] is True
+    assert flat["quant.cache_dequantized"] is False  # the base stays in 4 bits
+    assert compose(["task=causal-lm", "+preset=llama-3.1-8b", "train.gradient_checkpointing=offload",
+                    "train.compile=false"])["train"]["gradient_checkpointing"] == "offload"
+
+
 def test_unknown_recipe_lists_the_recipes() -> None:
     from hydra.errors import MissingConfigException
 

@@ -30,8 +30,9 @@ from transformers import get_linear_schedule_with_warmup
 from stages.lib.batches import length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
 from stages.lib.distributed import Processes
+from stages.lib.optimizers import build_optimizer
 from stages.lib.params import Train
-from stages.lib.quantized import autocast
+from stages.lib.quantized import autocast, compile_for_training
 from stages.lib.tasks import Objective, format_scores
 from stages.lib.tokenized import Splits
 
@@ -113,13 +114,15 @@ class TrainingLoop:
         log.info("train: %d examples, batch %d (%d micro-batches per process), %d steps/epoch, "
                  "%d steps in all, %d warm-up", len(train_x), cfg.batch_size, cfg.gradient_accumulation_steps,
                  self.steps_per_epoch, self.total_steps, warmup)
-        # torch.compile fuses the many small element-wise kernels around each matmul (GPU), the
-        # whole model as one graph: per-layer regions compile faster but cost host time per call
-        # (docs/performance.md). DDP goes around the compiled model, so no DDP hooks are inside it.
-        self.forward = processes.wrap(torch.compile(self.model) if cfg.compile else self.model)
+        # torch.compile fuses the many small element-wise kernels around each matmul (GPU): an
+        # encoder as one graph (per-layer regions cost host time per call, docs/performance.md),
+        # a decoder per layer (lib/quantized.compile_for_training). DDP goes around the compiled
+        # model, so no DDP hooks are inside it. A causal LM's loss is the chunked one.
+        model = compile_for_training(self.model, self.objective.type) if cfg.compile else self.model
+        self.forward = processes.wrap(self.objective.loss_module(model))
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           fused=device.type == "cuda")
+        self.optimizer = build_optimizer(cfg.optimizer, self.trainable.values(), lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.train_tokens = self.objective.examples(train_x, train_y, self.pad_id, device, self.min_width)

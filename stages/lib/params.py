@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ class UserError(Exception):
 
 
 def rule(**checks: Any) -> Any:
-    """Attach range/choice checks to a schema field: ge, gt, le, lt, choices, nonempty."""
+    """Attach range/choice checks to a schema field: ge, gt, le, lt, choices, nonempty, and
+    words (for a field typed `X | str`: the strings it accepts besides an X)."""
     return field(metadata=checks)
 
 
@@ -38,6 +40,10 @@ COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 PADDINGS = ("longest", "max_length")
 # Seeds feed numpy/sklearn/torch, which take 0..2**32-1 (numpy's legacy RandomState is the narrowest).
 SEED_RANGE = dict(ge=0, le=2**32 - 1)
+# train.optimizer: torch's AdamW, or bitsandbytes' 8-bit / paged ones (stages/lib/optimizers.py)
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+ALL_LINEAR = "all-linear"  # lora.target_modules: peft's every linear layer but the output layer
+OFFLOAD = "offload"  # train.gradient_checkpointing: checkpoints in pinned host memory
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class Lora:
     r: int = rule(ge=1)
     alpha: float = rule(gt=0)
     dropout: float = rule(ge=0, lt=1)
-    target_modules: list[str] = rule(nonempty=True)
+    target_modules: list[str] | str = rule(nonempty=True, words=(ALL_LINEAR,))
     modules_to_save: list[str] = rule()
 
 
@@ -104,11 +110,12 @@ class Train:
     log_every_steps: int = rule(ge=1)
     checkpoint_every_steps: int = rule(ge=0)
     group_by_length: bool = rule()
-    gradient_checkpointing: bool = rule()
+    gradient_checkpointing: bool | str = rule(words=(OFFLOAD,))
     base_dropout: bool = rule()
     compile: bool = rule()
     processes: int = rule(ge=1)
     gradient_accumulation_steps: int = rule(ge=1)
+    optimizer: str = rule(choices=OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -153,12 +160,16 @@ ALL_KEYS: tuple[str, ...] = tuple(
 
 
 def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list of {typing.get_args(tp)[0].__name__}"
     return tp.__name__
 
 
 def _check_type(value: Any, tp: Any) -> bool:
+    if isinstance(tp, types.UnionType):
+        return any(_check_type(value, t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_check_type(v, item) for v in value)
@@ -177,7 +188,15 @@ _BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"),
 
 def _check_value(key: str, value: Any, tp: Any, checks: Mapping[str, Any]) -> str | None:
     """Return a problem description for one key, or None when it is valid."""
-    if not _check_type(value, tp):
+    if "words" in checks:  # `X | str`: an X, or one of the words
+        other = next(t for t in typing.get_args(tp) if t is not str)
+        words = " or ".join(repr(w) for w in checks["words"])
+        if isinstance(value, str) and value not in checks["words"] or not _check_type(value, tp):
+            return f"{key}: expected {_type_name(other)} or {words}, got {value!r}"
+        if isinstance(value, str):
+            return None
+        tp = other
+    elif not _check_type(value, tp):
         return f"{key}: expected {_type_name(tp)}, got {value!r}"
     if tp is float and not math.isfinite(value):  # YAML's .inf and .nan parse as floats
         return f"{key}: expected a finite float, got {value!r}"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from stages.lib.io import read_json, verify_sha256
-from stages.lib.params import Lora, Quant, UserError
+from stages.lib.params import ALL_LINEAR, Lora, Quant, UserError
 from stages.lib.sources import SOURCE_FILE
 
 log = logging.getLogger("qlora")
@@ -142,11 +142,13 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def attach_lora(model: torch.nn.Module, lora: Lora, task: str = "classification"):
-    """Wrap the model with LoRA adapters; modules_to_save (a head) are trained in full."""
+    """Wrap the model with LoRA adapters; modules_to_save (a head) are trained in full.
+    target_modules `all-linear` is peft's: every linear layer except the output layer."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     linear = linear_module_names(model)
-    unknown = [t for t in lora.target_modules if t not in linear]
+    targets = lora.target_modules if lora.target_modules == ALL_LINEAR else list(lora.target_modules)
+    unknown = [] if targets == ALL_LINEAR else [t for t in targets if t not in linear]
     if unknown:
         raise UserError(f"lora.target_modules: {', '.join(unknown)} not in this model "
                         f"(its linear layers: {', '.join(linear)})")
@@ -157,7 +159,7 @@ def attach_lora(model: torch.nn.Module, lora: Lora, task: str = "classification"
     # peft has no masked-LM task type: None wraps the model as it is
     task_type = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(task)
     config = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha,
-                        lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                        lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=list(lora.modules_to_save) or None)
     model = get_peft_model(model, config)
     upcast_trainable(model)
@@ -183,10 +185,10 @@ def memory_hint(setting: str, value: int, also: str = "") -> Iterator[None]:
         raise UserError(f"out of {where} memory at {setting} {value}: lower {setting}{also}") from None
 
 
-def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool,
+def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | str,
                          cache_dequantized: bool = False, base_dropout: bool = True) -> torch.nn.Module:
-    """Freeze the base, set up gradient checkpointing, and switch the base's dropout off unless
-    `base_dropout`.
+    """Freeze the base, set up gradient checkpointing (any true value; train switches `offload`
+    on afterwards), and switch the base's dropout off unless `base_dropout`.
 
     `cache_dequantized` replaces each frozen 4-bit layer by a plain layer holding its weights
     dequantized once, in the compute dtype. bitsandbytes dequantizes the same weights to the same
@@ -210,6 +212,23 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool,
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return model
+
+
+def compile_for_training(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    """torch.compile for train.compile. A decoder (causal-lm) compiles each decoder layer in
+    place: one small graph reused by every layer, compiled in seconds however deep the model,
+    and its output layer stays outside for the chunked loss. Other models compile as one graph,
+    which runs faster than regions for small encoders (docs/performance.md)."""
+    if task != "causal-lm":
+        return torch.compile(model)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        return torch.compile(model)
+    for layer in layers:
+        layer.compile()
     return model
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stages.lib.io import atomic_dir, check_sha256_record, sha256_file, verify_sha256
+from stages.lib.io import check_sha256_record, sha256_file, verify_sha256
 from stages.lib.params import UserError
 
 PACKAGE_PREFIX = "package:"
@@ -232,27 +232,20 @@ def resolve_adapter_base(base: BaseOrigin, where: Path) -> Path:
 
 
 def random_init_model(config_dir: Path) -> Path:
-    """A model directory holding config_dir's config and tokenizer files plus weights drawn with
-    RANDOM_INIT_SEED; built once per config content into the user's cache directory."""
-    from transformers import AutoConfig, AutoModel
+    """A model directory holding config_dir's config and tokenizer files plus bf16 weights drawn
+    with RANDOM_INIT_SEED (lib/random_init.py: built on the meta device, drawn per parameter on
+    the GPU when there is one, never in fp32 on the host; a *ForCausalLM architecture with its
+    output layer); built once per config content and device type into the user's cache."""
+    from stages.lib.random_init import write_random_init
 
     files = sorted(f for f in config_dir.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
     key = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-pipeline" / "random-init"
-    directory = cache / f"{config_dir.resolve().name}-{key}"
-    if (directory / "model.safetensors").is_file():
-        return directory
+    # CPU and CUDA generators draw different numbers: one directory per device type
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     cache.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(directory) as tmp, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        AutoModel.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(tmp)
-        for f in files:
-            if f.name != "config.json":
-                shutil.copyfile(f, tmp / f.name)
-    return directory
+    return write_random_init(config_dir, cache / f"{config_dir.resolve().name}-{key}-{device}", RANDOM_INIT_SEED,
+                             device=device)
 
 
 def _from_hub(repo_id: str, revision: str, key: str = "model.name_or_path") -> tuple[Path, dict[str, Any]]:

@@ -22,6 +22,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 from tqdm import tqdm
 
 from stages.lib.batches import PackedTokens, TokenBlocks, pad_multiple, predict_logits
+from stages.lib.losses import CHUNK_TOKENS, ChunkedCausalLM, causal_lm_loss, output_head
 from stages.lib.params import Task
 from stages.lib.quantized import autocast
 
@@ -43,6 +44,11 @@ class Objective:
         if self.metric in LOSS_LIKE:
             return scores[self.metric] < best[self.metric]
         return scores[self.metric] > best[self.metric]
+
+    def loss_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the training loop calls for a loss: a causal LM through the chunked
+        cross-entropy (never the full fp32 logits), other models as they are."""
+        return ChunkedCausalLM(model) if self.type == "causal-lm" else model
 
     def examples(self, sequences: Sequence[Sequence[int]], labels: Sequence[int] | None, pad_id: int,
                  device: torch.device, min_width: int = 0, scoring: bool = False) -> PackedTokens | TokenBlocks:
@@ -98,18 +104,25 @@ def per_class_scores(labels: Sequence[int], predicted: Sequence[int],
 @torch.inference_mode()
 def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int,
                           device: torch.device, dtype: torch.dtype, desc: str = "score") -> dict[str, float]:
-    """Mean cross-entropy per predicted token, and its exp (perplexity)."""
+    """Mean cross-entropy per predicted token, and its exp (perplexity). A causal LM's loss is
+    the chunked one (lib/losses.py): its full fp32 logits are never built."""
     total, count = 0.0, 0
     starts = range(0, len(blocks), batch_size)  # equal-length blocks: any order, no padding
+    causal = blocks.mask is None
+    body, head = output_head(model) if causal else (None, None)
     for start in tqdm(starts, desc=desc, unit="batch", disable=None, leave=False):
         inputs = blocks.batch(range(start, min(start + batch_size, len(blocks))))
-        with autocast(device, dtype):
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         labels = inputs["labels"]
-        if blocks.mask is None:  # causal: position t predicts token t + 1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                   ignore_index=-100, reduction="sum")
+        with autocast(device, dtype):
+            if causal:  # position t predicts token t + 1; num_items 1: the sum
+                hidden = body(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                              use_cache=False).last_hidden_state
+                losses = causal_lm_loss(hidden, head.weight, labels, num_items=1, chunk_tokens=CHUNK_TOKENS)
+                labels = labels[:, 1:]
+            else:
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                           ignore_index=-100, reduction="sum")
         total += losses.item()
         count += int((labels != -100).sum())
     loss = total / max(count, 1)
