@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from stages.lib.checkpoint import Checkpoint, fingerprint, rng_states, set_rng_states
-from stages.lib.distributed import WORKER_ENV, Processes, launch
+from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch
 from stages.lib.data import length_grouped_batches, load_tokenized
 from stages.lib.io import (TIMING_FILE, atomic_dir, read_json, require_dir, run_main,
                            sha256_file, write_json)
@@ -270,13 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         if meta.get("task", "classification") != task["type"]:
             raise UserError(f"{args.data}: tokenized for task {meta.get('task', 'classification')}, but "
                             f"task.type is {task['type']} (run the pipeline with dvc repro)")
-        if cfg["processes"] > 1 and WORKER_ENV not in os.environ:
-            return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg["processes"])
+        nodes = Nodes.from_env()  # PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT: docs/multi-node.md
+        nodes.check_split(args.params, cfg["batch_size"], cfg["processes"], cfg["gradient_accumulation_steps"])
+        if cfg["processes"] * nodes.count > 1 and WORKER_ENV not in os.environ:
+            return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg["processes"], nodes)
         processes = Processes()
-        if processes.count != cfg["processes"]:
-            raise UserError(f"{args.params}: train.processes is {cfg['processes']} but this run has "
-                            f"{processes.count} (start it with `python -m stages.train`, which "
-                            "launches the processes itself)")
+        if processes.count != cfg["processes"] * nodes.count:
+            raise UserError(f"{args.params}: train.processes is {cfg['processes']}"
+                            + (f" on each of {nodes.count} nodes" if nodes.count > 1 else "")
+                            + f" but this run has {processes.count} (start it with `python -m "
+                            "stages.train`, which launches the processes itself)")
         if not processes.is_main:
             log.setLevel(logging.WARNING)  # one log, the main process's
         origin = read_json(base_dir / SOURCE_FILE)
@@ -298,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         min_width = meta["max_length"] if meta["padding"] == "max_length" else 0
         # Resume only a run of these params, data, base model and code.
         code = Path(__file__).parent
-        checkpoint = Checkpoint(args.checkpoint_dir, fingerprint(
-            dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")]))
+        checkpoint = processes.share(Checkpoint(args.checkpoint_dir, fingerprint(
+            dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")])))
 
         def fit(live: Any) -> dict[str, Any]:
             with memory_hint("train.batch_size", cfg["batch_size"], " (dvc exp run -S "

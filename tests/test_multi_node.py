@@ -1,0 +1,115 @@
+"""Two "nodes" on one machine: two launchers (`python -m stages.train` with PET_NNODES=2 and
+their own PET_NODE_RANK), each with its own working directory and one worker, meeting over
+gloo on the loopback. They do the arithmetic of one process with the same global batch, and only
+node 0's worker (global rank 0) writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, Pipeline, error_message, leftovers, run_stage
+from stages.lib.distributed import Nodes
+from stages.lib.params import UserError
+from test_distributed import NO_DROPOUT, base_without_dropout, train_run  # noqa: F401 (a fixture)
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_match_one_process(pipeline: Pipeline, base_without_dropout: Path, tmp_path: Path,
+                                     write_params, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    one = Pipeline(tmp_path / "one")
+    nodes = [Pipeline(tmp_path / f"node{rank}") for rank in (0, 1)]
+    for run in (one, *nodes):
+        run.root.mkdir()
+        write_params(run.params, {**NO_DROPOUT, "train.processes": 1})
+    monkeypatch.chdir(one.root)
+    assert run_stage("train", train_run(one, pipeline, base_without_dropout)) == 0
+
+    endpoint = f"127.0.0.1:{free_loopback_port()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PET_NNODES": "2", "PET_RDZV_ENDPOINT": endpoint}
+    launchers = [subprocess.Popen([sys.executable, "-m", "stages.train",
+                                   *train_run(run, pipeline, base_without_dropout)],
+                                  cwd=run.root, env={**env, "PET_NODE_RANK": str(rank)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for rank, run in enumerate(nodes)]
+    errs = []
+    try:
+        for launcher in launchers:
+            errs.append(launcher.communicate(timeout=600)[1])
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    for launcher, err in zip(launchers, errs):
+        assert launcher.returncode == 0, err[-3000:]
+    assert f"launching 1 worker processes on node 0 of 2 (rendezvous at {endpoint})" in errs[0]
+    assert "train: best validation accuracy" in errs[0]
+    assert "train: best validation accuracy" not in errs[1]  # its worker's INFO lines are silenced
+
+    a, b = (json.loads((r.metrics / "train" / "metrics.json").read_text()) for r in (one, nodes[0]))
+    assert (a.pop("processes"), b.pop("processes")) == (1, 2)
+    for key in ("steps", "train_samples", "best_step", "best_val_accuracy", "trainable_params"):
+        assert a[key] == b[key], key
+    for key in ("train_loss", "best_val_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    ta, tb = (load_file(str(r.adapter / "adapter_model.safetensors")) for r in (one, nodes[0]))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], rtol=1e-3, atol=1e-4, msg=key)
+    # node 1 wrote nothing: no adapter, no metrics, no checkpoint, no temporaries
+    assert sorted(p.name for p in nodes[1].root.iterdir()) == ["params.yaml"]
+    assert not nodes[0].checkpoints.exists() and leftovers(nodes[0].root / "models") == []
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PET_NNODES": "1:4"}, "environment: PET_NNODES: expected a whole number of nodes >= 1 (an "
+                            "elastic range such as 1:4 is not supported), got '1:4'"),
+    ({"PET_NNODES": "0"}, "environment: PET_NNODES: expected a whole number of nodes >= 1, got 0"),
+    ({"PET_NNODES": "2", "PET_NODE_RANK": "2", "PET_RDZV_ENDPOINT": "127.0.0.1:29500"},
+     "environment: PET_NODE_RANK: expected this node's rank, 0 to 1 (PET_NNODES is 2), got 2"),
+    ({"PET_NODE_RANK": "1"},
+     "environment: PET_NODE_RANK: expected this node's rank, 0 to 0 (PET_NNODES is 1), got 1"),
+    ({"PET_NNODES": "2", "PET_NODE_RANK": "-1"},
+     "environment: PET_NODE_RANK: expected this node's rank, 0 to 1, got '-1'"),
+    ({"PET_NNODES": "2"}, "environment: PET_RDZV_ENDPOINT: expected host:port of node 0, where the 2 "
+                          "nodes (PET_NNODES) meet, got 'nothing'"),
+    ({"PET_NNODES": "2", "PET_RDZV_ENDPOINT": "node0"}, "environment: PET_RDZV_ENDPOINT: expected "
+     "host:port of node 0, where the 2 nodes (PET_NNODES) meet, got 'node0'"),
+])
+def test_bad_node_environment_is_one_line(env: dict[str, str], message: str) -> None:
+    with pytest.raises(UserError) as raised:
+        Nodes.from_env(env)
+    assert str(raised.value) == message
+
+
+def test_node_environment() -> None:
+    assert Nodes.from_env({}) == Nodes(1, 0, "", "qlora")
+    assert Nodes.from_env({"PET_NNODES": "3", "PET_NODE_RANK": "2", "PET_RDZV_ENDPOINT": "n0:29500",
+                           "PET_RDZV_ID": "job7"}) == Nodes(3, 2, "n0:29500", "job7")
+
+
+def test_global_batch_must_split_over_every_node(pipeline: Pipeline, tmp_path: Path, write_params,
+                                                 capsys, monkeypatch) -> None:
+    run = Pipeline(tmp_path)
+    write_params(run.params, {"train.processes": 1})  # batch_size 8
+    monkeypatch.setenv("PET_NNODES", "3")
+    monkeypatch.setenv("PET_RDZV_ENDPOINT", "127.0.0.1:29500")
+    assert run_stage("train", train_run(run, pipeline, pipeline.base)) == 1
+    assert error_message(capsys.readouterr().err) == (
+        f"{run.params}: train.batch_size 8 is not a multiple of train.processes 1 x 3 nodes "
+        "(PET_NNODES) = 3 (each process takes an equal share of every batch)")
+    assert not run.adapter.exists()
