@@ -113,3 +113,50 @@ def test_global_batch_must_split_over_every_node(pipeline: Pipeline, tmp_path: P
         f"{run.params}: train.batch_size 8 is not a multiple of train.processes 1 x 3 nodes "
         "(PET_NNODES) = 3 (each process takes an equal share of every batch)")
     assert not run.adapter.exists()
+
+
+# Run as a module by each node's launcher: every worker loads the checkpoint through
+# Processes.share and prints what it got.
+SHARED_LOAD = """
+import json, os, sys
+import torch
+from stages.lib.checkpoint import Checkpoint
+from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch
+
+if WORKER_ENV not in os.environ:
+    sys.exit(launch("shared_load", sys.argv[1:], 1, Nodes.from_env()))
+processes = Processes()
+found = processes.share(Checkpoint(sys.argv[1], "stamp")).load(torch.device("cpu"))
+print(json.dumps({"rank": processes.rank, "weights": None if found is None else found[0]["w"].tolist(),
+                  "step": None if found is None else found[2]["step"]}))
+"""
+
+
+def test_every_node_resumes_from_node_0s_checkpoint(tmp_path: Path) -> None:
+    """Only global rank 0 writes checkpoints, so node 1 has none (here: an old one of its own);
+    resuming, both take node 0's, or they would train from different steps and weights."""
+    from stages.lib.checkpoint import Checkpoint
+
+    (tmp_path / "shared_load.py").write_text(SHARED_LOAD)
+    dirs = [tmp_path / f"node{rank}" / "checkpoint" for rank in (0, 1)]
+    Checkpoint(dirs[0], "stamp").save({"w": torch.tensor([1.0, 2.0])}, {"rng": []}, {"step": 6})
+    Checkpoint(dirs[1], "stamp").save({"w": torch.tensor([9.0, 9.0])}, {"rng": []}, {"step": 2})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PET_NNODES": "2",
+           "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_loopback_port()}"}
+    launchers = [subprocess.Popen([sys.executable, "-m", "shared_load", str(directory)], cwd=tmp_path,
+                                  env={**env, "PET_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+                 for rank, directory in enumerate(dirs)]
+    outputs = []
+    try:
+        for launcher in launchers:
+            outputs.append(launcher.communicate(timeout=300))
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    for launcher, (_, err) in zip(launchers, outputs):
+        assert launcher.returncode == 0, err[-3000:]
+    seen = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert seen == [{"rank": 0, "weights": [1.0, 2.0], "step": 6},
+                    {"rank": 1, "weights": [1.0, 2.0], "step": 6}]
