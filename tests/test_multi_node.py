@@ -27,6 +27,25 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
+def run_nodes(nodes: list[Pipeline], pipeline: Pipeline, base: Path) -> tuple[str, tuple[list[int], list[str]]]:
+    """Train as len(nodes) nodes of one run, node i in nodes[i].root; (endpoint, (exit status, stderr) by node)."""
+    endpoint = f"127.0.0.1:{free_loopback_port()}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PET_NNODES": str(len(nodes)), "PET_RDZV_ENDPOINT": endpoint}
+    launchers = [subprocess.Popen([sys.executable, "-m", "stages.train", *train_run(run, pipeline, base)],
+                                  cwd=run.root, env={**env, "PET_NODE_RANK": str(rank)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for rank, run in enumerate(nodes)]
+    errs = []
+    try:
+        for launcher in launchers:
+            errs.append(launcher.communicate(timeout=600)[1])
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    return endpoint, ([launcher.returncode for launcher in launchers], errs)
+
+
 def test_two_nodes_match_one_process(pipeline: Pipeline, base_without_dropout: Path, tmp_path: Path,
                                      write_params, monkeypatch) -> None:
     from safetensors.torch import load_file
@@ -39,23 +58,8 @@ def test_two_nodes_match_one_process(pipeline: Pipeline, base_without_dropout: P
     monkeypatch.chdir(one.root)
     assert run_stage("train", train_run(one, pipeline, base_without_dropout)) == 0
 
-    endpoint = f"127.0.0.1:{free_loopback_port()}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "PET_NNODES": "2", "PET_RDZV_ENDPOINT": endpoint}
-    launchers = [subprocess.Popen([sys.executable, "-m", "stages.train",
-                                   *train_run(run, pipeline, base_without_dropout)],
-                                  cwd=run.root, env={**env, "PET_NODE_RANK": str(rank)},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for rank, run in enumerate(nodes)]
-    errs = []
-    try:
-        for launcher in launchers:
-            errs.append(launcher.communicate(timeout=600)[1])
-    finally:
-        for launcher in launchers:
-            launcher.kill()
-    for launcher, err in zip(launchers, errs):
-        assert launcher.returncode == 0, err[-3000:]
+    endpoint, (status, errs) = run_nodes(nodes, pipeline, base_without_dropout)
+    assert status == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert f"launching 1 worker processes on node 0 of 2 (rendezvous at {endpoint})" in errs[0]
     assert "train: best validation accuracy" in errs[0]
     assert "train: best validation accuracy" not in errs[1]  # its worker's INFO lines are silenced
@@ -73,6 +77,24 @@ def test_two_nodes_match_one_process(pipeline: Pipeline, base_without_dropout: P
     # node 1 wrote nothing: no adapter, no metrics, no checkpoint, no temporaries
     assert sorted(p.name for p in nodes[1].root.iterdir()) == ["params.yaml"]
     assert not nodes[0].checkpoints.exists() and leftovers(nodes[0].root / "models") == []
+
+
+def test_nodes_with_other_params_stop_before_training(pipeline: Pipeline, tmp_path: Path,
+                                                      write_params) -> None:
+    """Node 1 has another train.lr: it would train another model (or, with another batch
+    size, wait forever for the others); both stop with one line and write nothing."""
+    nodes = [Pipeline(tmp_path / f"node{rank}") for rank in (0, 1)]
+    for run, lr in zip(nodes, (1e-3, 2e-3)):
+        run.root.mkdir()
+        write_params(run.params, {"train.processes": 1, "train.lr": lr})
+    _, (status, errs) = run_nodes(nodes, pipeline, pipeline.base)
+    assert status == [1, 1], errs
+    for err in errs:
+        assert error_message(err) == (
+            "train: worker(s) 1 of 2 have other params, data, base model or code than worker 0 "
+            "(every node needs the same params.yaml, --data, --base and stages/)")
+    for run in nodes:
+        assert sorted(p.name for p in run.root.iterdir()) == ["params.yaml"]
 
 
 @pytest.mark.parametrize("env, message", [

@@ -178,8 +178,19 @@ class Processes:
 
     def share(self, checkpoint: Checkpoint) -> Checkpoint | SharedCheckpoint:
         """`checkpoint` as every worker must see it: the main worker's copy. Only the main
-        worker writes checkpoints, so on another host there is none (or an old one)."""
-        return checkpoint if self.count == 1 else SharedCheckpoint(checkpoint, self)
+        worker writes checkpoints, so on another host there is none (or an old one).
+
+        A collective. Its stamp (params, data, base model, code) must be the same on every
+        worker: a host with another params.yaml would train another model, or hang."""
+        if self.count == 1:
+            return checkpoint
+        stamps = self.gather(checkpoint.stamp)
+        differ = [str(rank) for rank, stamp in enumerate(stamps) if stamp != stamps[0]]
+        if differ:
+            raise UserError(f"train: worker(s) {', '.join(differ)} of {self.count} have other params, "
+                            "data, base model or code than worker 0 (every node needs the same "
+                            "params.yaml, --data, --base and stages/)")
+        return SharedCheckpoint(checkpoint, self)
 
 
 class SharedCheckpoint:
