@@ -17,12 +17,13 @@ Steps, all through pip with the target's interpreter and platform (`--python-ver
    of it) as constraints, so what is carried fits what is there.
 3. Download exactly the resolved versions the target lacks, one wheel each, with --no-deps.
 4. Optionally keep only bitsandbytes' CPU library and those of the target's CUDA major version
-   (its wheel holds one per CUDA, ROCm and XPU version: 43 MB of 45).
+   (its wheel holds one per CUDA, ROCm and XPU version; docs/air-gapped.md gives the sizes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             built = scratch / "built"
             built.mkdir()
             if builds:
+                if importlib.util.find_spec("setuptools") is None:
+                    raise UserError(f"building {', '.join(builds)} needs setuptools in this Python "
+                                    "(pip install setuptools), or name no --build")
                 run_pip(build_command(builds, built), f"build {', '.join(builds)}")
                 for wheel in built.glob("*.whl"):
                     if not wheel.name.endswith("-none-any.whl"):
