@@ -29,7 +29,7 @@ import torch
 
 from stages.lib.adapter import AdapterMeta, BaseOrigin, save_adapter
 from stages.lib.checkpoint import Checkpoint, fingerprint
-from stages.lib.distributed import WORKER_ENV, Processes, launch
+from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch
 from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.loop import NullLive, TrainingLoop
 from stages.lib.params import Lora, Quant, Train, UserError, load_params
@@ -92,13 +92,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if tokenized.task != task.type:
         raise UserError(f"{args.data}: tokenized for task {tokenized.task}, but task.type is {task.type} "
                         "(run the pipeline with dvc repro)")
-    if cfg.processes > 1 and WORKER_ENV not in os.environ:
-        return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg.processes)
+    nodes = Nodes.from_env()  # PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT: docs/multi-node.md
+    nodes.check_split(args.params, cfg.batch_size, cfg.processes, cfg.gradient_accumulation_steps)
+    if cfg.processes * nodes.count > 1 and WORKER_ENV not in os.environ:
+        return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg.processes, nodes)
     processes = Processes()
-    if processes.count != cfg.processes:
-        raise UserError(f"{args.params}: train.processes is {cfg.processes} but this run has "
-                        f"{processes.count} (start it with `python -m stages.train`, which "
-                        "launches the processes itself)")
+    if processes.count != cfg.processes * nodes.count:
+        raise UserError(f"{args.params}: train.processes is {cfg.processes}"
+                        + (f" on each of {nodes.count} nodes" if nodes.count > 1 else "")
+                        + f" but this run has {processes.count} (start it with `python -m "
+                        "stages.train`, which launches the processes itself)")
     if not processes.is_main:
         log.setLevel(logging.WARNING)  # one log, the main process's
     origin = read_json(base_dir / SOURCE_FILE)
@@ -113,8 +116,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     tokenizer = load_tokenizer(base_dir)
     # Resume only a run of these params, data, base model and code.
     code = Path(__file__).parent
-    checkpoint = Checkpoint(args.checkpoint_dir, fingerprint(
-        dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")]))
+    checkpoint = processes.share(Checkpoint(args.checkpoint_dir, fingerprint(
+        dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")])))
     loop = functools.partial(TrainingLoop, model, data, tokenizer.pad_token_id, tokenized.min_width, cfg,
                              Objective(task, tokenizer), device=device, dtype=dtype, checkpoint=checkpoint,
                              processes=processes)

@@ -29,7 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from stages.lib.batches import length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
-from stages.lib.distributed import Processes
+from stages.lib.distributed import Processes, SharedCheckpoint
 from stages.lib.params import Train
 from stages.lib.quantized import autocast
 from stages.lib.tasks import Objective, format_scores
@@ -87,7 +87,7 @@ class TrainingLoop:
 
     def __init__(self, model: torch.nn.Module, data: Splits, pad_id: int, min_width: int, cfg: Train,
                  objective: Objective, live: Live, device: torch.device, dtype: torch.dtype,
-                 checkpoint: Checkpoint | None, processes: Processes):
+                 checkpoint: Checkpoint | SharedCheckpoint | None, processes: Processes):
         self.model, self.data, self.pad_id, self.min_width = model, data, pad_id, min_width
         self.cfg, self.objective, self.live = cfg, objective, live
         self.device, self.dtype = device, dtype
