@@ -4,7 +4,8 @@ Reads  data/tokenized, models/base, params task.*, quant.*, lora.*, train.*.
 Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained modules_to_save,
        tokenizer, pipeline.json with the weights' sha256: lib.adapter.AdapterMeta) and
        <metrics-out>/ (DVCLive: metrics.json summary, per-step loss and lr, per-evaluation
-       validation scores; timing.json).
+       validation scores; timing.json: warm-up seconds, then steady-state samples/s, and
+       tokens/s for language models: lib.throughput).
 The best checkpoint is the one with the best validation task.metric (accuracy, F1, loss or
 perplexity; see lib.tasks), evaluated every epoch (and every train.eval_every_steps steps when
 that is > 0). Every train.checkpoint_every_steps steps the loop's state goes to
@@ -21,6 +22,7 @@ import os
 import random
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from stages.lib.params import Lora, Quant, Train, UserError, load_params
 from stages.lib.quantized import attach_lora, compute_setup, load_base, memory_hint, prepare_for_training
 from stages.lib.sources import SOURCE_FILE, load_tokenizer
 from stages.lib.tasks import Objective
+from stages.lib.throughput import describe
 from stages.lib.tokenized import load_tokenized
 
 PARAMS = ("task.type", "task.metric", "task.mlm_probability",
@@ -46,6 +49,8 @@ PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
           "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes",
           "train.gradient_accumulation_steps")
+# the loop's speed figures: timing.json, not metrics.json (lib.throughput)
+TIMING_KEYS = ("train_time_s", "warmup_s", "samples_per_s", "tokens_per_s")
 log = logging.getLogger("qlora")
 
 
@@ -84,6 +89,7 @@ def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    started = time.perf_counter()  # warm-up counts from here: loading the base, compiling, first steps
     p = load_params(args.params, PARAMS)
     task, quant, lora, cfg = p.typed("task"), p.typed("quant"), p.typed("lora"), p.typed("train")
     check_batch_shares(cfg, args.params)
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")])))
     loop = functools.partial(TrainingLoop, model, data, tokenizer.pad_token_id, tokenized.min_width, cfg,
                              Objective(task, tokenizer), device=device, dtype=dtype, checkpoint=checkpoint,
-                             processes=processes)
+                             processes=processes, started=started)
     hint = " (dvc exp run -S train.batch_size=N), or set train.gradient_checkpointing: true"
     if not processes.is_main:  # trains its shards; the main process writes every output
         with memory_hint("train.batch_size", cfg.batch_size, hint):
@@ -133,7 +139,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         live = Live(str(metrics_tmp), dvcyaml=False, save_dvc_exp=False)
         with memory_hint("train.batch_size", cfg.batch_size, hint):
             summary = loop(live=live).run()
-        timing: dict[str, Any] = {k: summary.pop(k) for k in ("train_time_s", "samples_per_s")}
+        timing: dict[str, Any] = {k: summary.pop(k) for k in TIMING_KEYS if k in summary}
         timing["peak_memory_mb"] = round(peak_memory_mb(device), 1)  # per process
         summary.update({"task": task.type, "model": origin["name_or_path"], "quant_type": quant.type,
                         "lora_r": lora.r, "lora_alpha": lora.alpha,
@@ -152,8 +158,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             save_adapter(model, tokenizer, meta, tmp)
     checkpoint.remove()
     processes.wait()
-    log.info("train: best validation %s %.4f at step %d, %.1f samples/s -> %s", task.metric,
-             summary[f"best_val_{task.metric}"], summary["best_step"], timing["samples_per_s"], args.adapter_out)
+    log.info("train: best validation %s %.4f at step %d; %s -> %s", task.metric,
+             summary[f"best_val_{task.metric}"], summary["best_step"], describe(timing), args.adapter_out)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ TASK_METRICS = {"classification": ("accuracy", "f1_macro", "f1_weighted", "loss"
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 PADDINGS = ("longest", "max_length")
+# train.compile / evaluate.compile: always, never, or where the expected run makes it pay
+# (stages/lib/compiling.py; on a CPU, auto means never)
+COMPILE_CHOICES = (True, False, "auto")
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Train:
     group_by_length: bool = rule()
     gradient_checkpointing: bool = rule()
     base_dropout: bool = rule()
-    compile: bool = rule()
+    compile: bool | str = rule(choices=COMPILE_CHOICES)
     processes: int = rule(ge=1)
     gradient_accumulation_steps: int = rule(ge=1)
 
@@ -112,7 +116,7 @@ class Train:
 class Evaluate:
     batch_size: int = rule(ge=1)
     merged: bool = rule()
-    compile: bool = rule()
+    compile: bool | str = rule(choices=COMPILE_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,27 @@ ALL_KEYS: tuple[str, ...] = tuple(
 )
 
 
+def _alternatives(tp: Any) -> tuple[Any, ...]:
+    """The member types of `a | b` (a union), else ()."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in YAML (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _type_name(tp: Any) -> str:
+    if _alternatives(tp):
+        return " or ".join(_type_name(t) for t in _alternatives(tp))
     if typing.get_origin(tp) is list:
         return f"list of {typing.get_args(tp)[0].__name__}"
     return tp.__name__
 
 
 def _check_type(value: Any, tp: Any) -> bool:
+    if _alternatives(tp):
+        return any(_check_type(value, t) for t in _alternatives(tp))
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_check_type(v, item) for v in value)
@@ -178,8 +196,8 @@ def _check_value(key: str, value: Any, tp: Any, checks: Mapping[str, Any]) -> st
         return f"{key}: expected {_type_name(tp)}, got {value!r}"
     if checks.get("nonempty") and len(value) == 0:
         return f"{key}: expected a non-empty {_type_name(tp)}, got {value!r}"
-    if "choices" in checks and value not in checks["choices"]:
-        return f"{key}: expected one of {', '.join(checks['choices'])}, got {value!r}"
+    if "choices" in checks and not any(value == c and type(value) is type(c) for c in checks["choices"]):
+        return f"{key}: expected one of {', '.join(map(_show, checks['choices']))}, got {value!r}"
     for name, holds, symbol in _BOUNDS:
         if name in checks and not holds(value, checks[name]):
             return f"{key}: expected {_type_name(tp)} {symbol} {checks[name]}, got {value!r}"

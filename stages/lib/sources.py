@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from stages.lib.io import atomic_dir, sha256_file
@@ -134,6 +135,19 @@ def portable_base_id(origin: dict[str, Any]) -> str:
         module = origin["name_or_path"][len(PACKAGE_PREFIX):]
         return PACKAGE_HUB_IDS.get(module, origin["name_or_path"])
     return origin["name_or_path"]
+
+
+def parameter_count(directory: str | Path) -> int:
+    """How many parameters a model directory's safetensors weights hold, read from their headers
+    (nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                total += int(np.prod(weights.get_slice(name).get_shape(), dtype=np.int64))
+    return total
 
 
 def load_tokenizer(directory: str | Path):
