@@ -119,12 +119,12 @@ def test_true_and_false_are_kept_as_given() -> None:
 
 
 def test_auto_compiles_where_the_saving_beats_the_compile_time() -> None:
-    # The shipped sample with the default recipe: 2 epochs of 3,999 texts, MiniLM (22.7M
-    # parameters), about 40 tokens a text: compiling cannot pay.
-    sample = decide_compile("train.compile", "auto", CUDA, 2 * 3_999 * 40, 22_700_000,
+    # The shipped sample with the default recipe: 250 steps of 32 texts, MiniLM (22.7M
+    # parameters), 52.9 tokens a text on average: compiling cannot pay.
+    sample = decide_compile("train.compile", "auto", CUDA, 250 * 32 * 53, 22_713_728,
                             TRAIN_COMPILE_S, TRAIN_SAVED_S)
     assert not sample.compile
-    assert sample.reason.startswith("train.compile: auto: not compiling: 319,920 tokens x 22.7M parameters "
+    assert sample.reason.startswith("train.compile: auto: not compiling: 424,000 tokens x 22.7M parameters "
                                     "would save about 0.1 s, less than the about 90 s compiling takes")
     # bert-base on 2 million texts of 53 tokens: it does.
     big = decide_compile("train.compile", "auto", CUDA, 2_000_000 * 53, 109_500_000, TRAIN_COMPILE_S, TRAIN_SAVED_S)
