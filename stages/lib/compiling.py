@@ -57,6 +57,14 @@ def decide_compile(key: str, setting: bool | str, device: torch.device, tokens: 
                                  f"{compile_s:.0f} s compiling takes (docs/performance.md#when-compiling-pays)")
 
 
+def parameter_total(model: torch.nn.Module) -> int:
+    """A model's parameters, 4-bit ones counted as the weights they stand for (PEFT's count,
+    where the model is a PEFT model)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()[1]
+    return sum(p.numel() for p in model.parameters())
+
+
 def compile_cache_dir() -> Path:
     """Where compiled graphs are kept: TORCHINDUCTOR_CACHE_DIR when the user set it, else
     qlora-pipeline/torch-compile under the user's cache directory ($XDG_CACHE_HOME or

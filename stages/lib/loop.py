@@ -29,7 +29,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from stages.lib.batches import length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
-from stages.lib.compiling import TRAIN_COMPILE_S, TRAIN_SAVED_S, decide_compile, use_compile_cache
+from stages.lib.compiling import (TRAIN_COMPILE_S, TRAIN_SAVED_S, decide_compile, parameter_total,
+                                  use_compile_cache)
 from stages.lib.distributed import Processes, SharedCheckpoint
 from stages.lib.params import Train
 from stages.lib.quantized import autocast
@@ -124,8 +125,8 @@ class TrainingLoop:
                  self.steps_per_epoch, self.total_steps, warmup)
         self.train_tokens = self.objective.examples(train_x, train_y, self.pad_id, device, self.min_width)
         tokens = round(self.total_steps * cfg.batch_size * float(np.mean(self.train_tokens.lengths)))
-        decision = decide_compile("train.compile", cfg.compile, device, tokens,
-                                  self.model.get_nb_trainable_parameters()[1], TRAIN_COMPILE_S, TRAIN_SAVED_S)
+        decision = decide_compile("train.compile", cfg.compile, device, tokens, parameter_total(self.model),
+                                  TRAIN_COMPILE_S, TRAIN_SAVED_S)
         log.info(decision.reason)
         if decision.compile:
             use_compile_cache()  # before the first compile: graphs from earlier runs are reused
