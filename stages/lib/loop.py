@@ -75,7 +75,7 @@ class Progress:
     seen: int = 0  # training examples so far
     window: list[float] = field(default_factory=list)  # losses since the last logged one
     epoch_losses: list[float] = field(default_factory=list)  # this epoch's logged losses
-    epoch_loss_sum: float = 0.0  # this epoch's step losses, summed (this worker's)
+    epoch_loss_sum: float = 0.0  # this epoch's step losses, summed (mean over workers)
     epoch_steps: int = 0  # and how many steps they are
     history: list[list[Any]] = field(default_factory=list)  # [step, name, value] of every metric
     best: dict[str, float] = field(default_factory=dict)  # best validation scores and their step
@@ -234,7 +234,8 @@ class TrainingLoop:
         synchronize(self.device)  # queued training steps belong to training time
         begin = time.perf_counter()
         self.progress.window = [w.item() for w in self.window]
-        self.progress.epoch_loss_sum = self.epoch_loss.item()
+        # the workers' mean: each resumes from it, and the epoch's mean over workers stays exact
+        self.progress.epoch_loss_sum = self.processes.mean(self.epoch_loss).item()
         self.progress.train_time_s = self.progress.train_time_s + begin - self.start - self.paused
         self.progress.throughput = self.throughput.totals(begin)
         self.start, self.paused = begin, 0.0  # the training time so far is in progress now
