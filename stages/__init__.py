@@ -2,6 +2,12 @@
 
 import logging
 
+from stages.lib import reproducible
+
+# Before any stage module imports torch: the kernel choices that make CPU training give the same
+# bits on every x86-64 CPU (docs/reproducibility.md).
+reproducible.apply()
+
 # bitsandbytes logs at import that it cannot fetch an optional hub-hosted CPU kernel: expected
 # offline, and noise in every stage log. Set here because transformers imports bitsandbytes
 # before a stage's own logging set-up runs.

@@ -4,8 +4,9 @@ Reads  data/tokenized (test split), models/base, models/adapter, params evaluate
        evaluate.merged, evaluate.compile, generate.* (causal-lm). The base is loaded with the
        task and quantization the adapter was trained under (pipeline.json); `merged` dequantizes
        it once and merges LoRA in.
-Writes <metrics-out>/ (DVCLive): metrics.json and timing.json (seconds, samples/s: the one part
-       that differs between identical runs). Classification: accuracy, macro- and weighted F1,
+Writes <metrics-out>/ (DVCLive): metrics.json and timing.json (the one part that differs between
+       identical runs: warm-up seconds, then steady-state samples/s, and tokens/s for language
+       models: lib.throughput). Classification: accuracy, macro- and weighted F1,
        per-class precision, recall and F1; plots/sklearn/confusion_matrix.json;
        plots/custom/per_class_f1.json. Language models: loss and perplexity per predicted token
        (masked-lm: on a fixed, seeded 15% mask); causal-lm also samples.json, the text generated
@@ -20,13 +21,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from dvclive import Live
 
-from stages.lib.adapter import load_adapter, load_language_model, read_adapter_meta
+from stages.lib.adapter import AdapterMeta, load_adapter, load_language_model, read_adapter_meta
+from stages.lib.compiling import EVAL_COMPILE_S, EVAL_SAVED_S, decide_compile
 from stages.lib.io import TIMING_FILE, atomic_dir, run_main, write_json
 from stages.lib.params import load_params
 from stages.lib.quantized import memory_hint
+from stages.lib.sources import parameter_count
 from stages.lib.tasks import Objective, format_scores, label_scores, per_class_scores
+from stages.lib.throughput import EVAL_WARMUP_BATCHES, Throughput, describe
 from stages.lib.tokenized import load_tokenized
 
 PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile", "generate.prompts",
@@ -36,17 +41,37 @@ SAMPLES_FILE = "samples.json"
 log = logging.getLogger("qlora")
 
 
-def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace) -> None:
+def should_compile(p, sequences: list[list[int]], base: str) -> bool:
+    """evaluate.compile, with auto decided by the test split's tokens (lib.compiling); logged."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as lib.quantized picks it
+    tokens = sum(len(s) for s in sequences)
+    decision = decide_compile("evaluate.compile", p["evaluate.compile"], device, tokens,
+                              parameter_count(base) if device.type == "cuda" else 0,
+                              EVAL_COMPILE_S, EVAL_SAVED_S)
+    log.info(decision.reason)
+    return decision.compile
+
+
+def timing(throughput: Throughput, elapsed: float, with_tokens: bool) -> dict[str, float | None]:
+    """timing.json: the scoring loop's seconds, warm-up (load, compile, first batches) and the
+    steady-state rate after it."""
+    return {"eval_time_s": round(elapsed, 2), **throughput.report(with_tokens)}
+
+
+def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace, meta: AdapterMeta,
+                            started: float) -> None:
     """Loss and perplexity on the test blocks; causal-lm: samples from the fixed prompts."""
     lm = load_language_model(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
-                             compile=p["evaluate.compile"])
+                             compile=should_compile(p, blocks, args.base))
     objective = Objective(lm.meta.task, lm.tokenizer)
+    throughput = Throughput(lm.device, EVAL_WARMUP_BATCHES, started)
     start = time.perf_counter()
     with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
         examples = objective.examples(blocks, None, lm.tokenizer.pad_token_id, lm.device, scoring=True)
         metrics = objective.scores(lm.model, examples, None, p["evaluate.batch_size"], lm.device, lm.dtype,
-                                   desc="evaluate")
-    elapsed = time.perf_counter() - start
+                                   desc="evaluate", on_batch=throughput.done)
+    elapsed = time.perf_counter() - start  # scoring syncs every batch (.item())
+    speed = timing(throughput, elapsed, with_tokens=True)
     metrics.update(test_blocks=len(blocks), block_tokens=len(blocks[0]))
     samples = None
     if lm.task == "causal-lm":
@@ -58,11 +83,10 @@ def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace
         live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
         live.summary = metrics
         live.end()
-        write_json(tmp / TIMING_FILE, {"eval_time_s": round(elapsed, 2),
-                                       "samples_per_s": round(len(blocks) / elapsed, 2)})
+        write_json(tmp / TIMING_FILE, speed)
         if samples:
             write_json(tmp / SAMPLES_FILE, samples)
-    log.info("evaluate: %d test blocks, %s", len(blocks), format_scores(metrics))
+    log.info("evaluate: %d test blocks, %s; %s", len(blocks), format_scores(metrics), describe(speed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,24 +99,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> None:
+        started = time.perf_counter()  # warm-up counts from here: loading, compiling, first batches
         p = load_params(args.params, PARAMS)
         data, _ = load_tokenized(Path(args.data))
-        if read_adapter_meta(Path(args.adapter)).task_type != "classification":
-            evaluate_language_model(p, data["test"][0], args)
+        meta = read_adapter_meta(Path(args.adapter))
+        if meta.task_type != "classification":
+            evaluate_language_model(p, data["test"][0], args, meta, started)
             return
-        classifier = load_adapter(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
-                                  compile=p["evaluate.compile"])
         sequences, labels = data["test"]
+        classifier = load_adapter(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
+                                  compile=should_compile(p, sequences, args.base))
+        throughput = Throughput(classifier.device, EVAL_WARMUP_BATCHES, started)
         start = time.perf_counter()
         with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
-            predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate").argmax(-1)
-        elapsed = time.perf_counter() - start
+            predictions = classifier.logits(sequences, p["evaluate.batch_size"], desc="evaluate",
+                                            on_batch=throughput.done).argmax(-1)
+        elapsed = time.perf_counter() - start  # the logits came back to the host: synchronized
         names = classifier.labels
         predicted = predictions.tolist()
         metrics = {**label_scores(labels, predicted, classes=range(len(names))),
                    "per_class": per_class_scores(labels, predicted, names)}
         metrics["test_samples"] = len(labels)
-        timing = {"eval_time_s": round(elapsed, 2), "samples_per_s": round(len(labels) / elapsed, 2)}
+        speed = timing(throughput, elapsed, with_tokens=False)
         with atomic_dir(args.metrics_out) as tmp:
             live = Live(str(tmp), dvcyaml=False, save_dvc_exp=False)
             live.summary = metrics
@@ -102,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                                            for n, m in metrics["per_class"].items()],
                           x="f1", y="class", template="bar_horizontal", title="Test F1 per class")
             live.end()
-            write_json(tmp / TIMING_FILE, timing)
-        log.info("evaluate: %d test rows, accuracy %.4f, macro-F1 %.4f, %.1f samples/s",
-                 len(labels), metrics["accuracy"], metrics["f1_macro"], timing["samples_per_s"])
+            write_json(tmp / TIMING_FILE, speed)
+        log.info("evaluate: %d test rows, accuracy %.4f, macro-F1 %.4f; %s",
+                 len(labels), metrics["accuracy"], metrics["f1_macro"], describe(speed))
 
     return run_main(work)
 

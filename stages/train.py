@@ -4,7 +4,8 @@ Reads  data/tokenized, models/base, params task.*, quant.*, lora.*, train.*.
 Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained modules_to_save,
        tokenizer, pipeline.json with the weights' sha256: lib.adapter.AdapterMeta) and
        <metrics-out>/ (DVCLive: metrics.json summary, per-step loss and lr, per-evaluation
-       validation scores; timing.json).
+       validation scores; timing.json: warm-up seconds, then steady-state samples/s, and
+       tokens/s for language models: lib.throughput).
 The best checkpoint is the one with the best validation task.metric (accuracy, F1, loss or
 perplexity; see lib.tasks), evaluated every epoch (and every train.eval_every_steps steps when
 that is > 0). Every train.checkpoint_every_steps steps the loop's state goes to
@@ -21,6 +22,7 @@ import os
 import random
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 
 from stages.lib.adapter import AdapterMeta, save_adapter
 from stages.lib.checkpoint import Checkpoint, fingerprint
-from stages.lib.distributed import WORKER_ENV, Processes, launch
+from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch
 from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.loop import NullLive, TrainingLoop
 from stages.lib.offload import enable_offloaded_checkpointing
@@ -37,6 +39,7 @@ from stages.lib.params import OFFLOAD, Lora, Quant, Train, UserError, load_param
 from stages.lib.quantized import attach_lora, compute_setup, load_base, memory_hint, prepare_for_training
 from stages.lib.sources import SOURCE_FILE, BaseOrigin, load_tokenizer
 from stages.lib.tasks import Objective
+from stages.lib.throughput import describe
 from stages.lib.tokenized import load_tokenized
 
 PARAMS = ("task.type", "task.metric", "task.mlm_probability",
@@ -47,6 +50,8 @@ PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
           "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes",
           "train.gradient_accumulation_steps", "train.optimizer")
+# the loop's speed figures: timing.json, not metrics.json (lib.throughput)
+TIMING_KEYS = ("train_time_s", "warmup_s", "samples_per_s", "tokens_per_s")
 log = logging.getLogger("qlora")
 
 
@@ -96,6 +101,7 @@ def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    started = time.perf_counter()  # warm-up counts from here: loading the base, compiling, first steps
     p = load_params(args.params, PARAMS)
     task, quant, lora, cfg = p.typed("task"), p.typed("quant"), p.typed("lora"), p.typed("train")
     check_batch_shares(cfg, args.params)
@@ -104,13 +110,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if tokenized.task != task.type:
         raise UserError(f"{args.data}: tokenized for task {tokenized.task}, but task.type is {task.type} "
                         "(run the pipeline with dvc repro)")
-    if cfg.processes > 1 and WORKER_ENV not in os.environ:
-        return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg.processes)
+    nodes = Nodes.from_env()  # PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT: docs/multi-node.md
+    nodes.check_split(args.params, cfg.batch_size, cfg.processes, cfg.gradient_accumulation_steps)
+    if cfg.processes * nodes.count > 1 and WORKER_ENV not in os.environ:
+        return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg.processes, nodes)
     processes = Processes()
-    if processes.count != cfg.processes:
-        raise UserError(f"{args.params}: train.processes is {cfg.processes} but this run has "
-                        f"{processes.count} (start it with `python -m stages.train`, which "
-                        "launches the processes itself)")
+    if processes.count != cfg.processes * nodes.count:
+        raise UserError(f"{args.params}: train.processes is {cfg.processes}"
+                        + (f" on each of {nodes.count} nodes" if nodes.count > 1 else "")
+                        + f" but this run has {processes.count} (start it with `python -m "
+                        "stages.train`, which launches the processes itself)")
     if not processes.is_main:
         log.setLevel(logging.WARNING)  # one log, the main process's
     origin = read_json(base_dir / SOURCE_FILE)
@@ -125,11 +134,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     tokenizer = load_tokenizer(base_dir)
     # Resume only a run of these params, data, base model and code.
     code = Path(__file__).parent
-    checkpoint = Checkpoint(args.checkpoint_dir, fingerprint(
-        dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")]))
+    checkpoint = processes.share(Checkpoint(args.checkpoint_dir, fingerprint(
+        dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")])))
     loop = functools.partial(TrainingLoop, model, data, tokenizer.pad_token_id, tokenized.min_width, cfg,
                              Objective(task, tokenizer), device=device, dtype=dtype, checkpoint=checkpoint,
-                             processes=processes)
+                             processes=processes, started=started)
     hint = " (dvc exp run -S train.batch_size=N), or set train.gradient_checkpointing: true"
     if not processes.is_main:  # trains its shards; the main process writes every output
         with memory_hint("train.batch_size", cfg.batch_size, hint):
@@ -142,7 +151,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         live = Live(str(metrics_tmp), dvcyaml=False, save_dvc_exp=False)
         with memory_hint("train.batch_size", cfg.batch_size, hint):
             summary = loop(live=live).run()
-        timing: dict[str, Any] = {k: summary.pop(k) for k in ("train_time_s", "samples_per_s")}
+        timing: dict[str, Any] = {k: summary.pop(k) for k in TIMING_KEYS if k in summary}
         timing["peak_memory_mb"] = round(peak_memory_mb(device), 1)  # per process
         summary.update({"task": task.type, "model": origin["name_or_path"], "quant_type": quant.type,
                         "lora_r": lora.r, "lora_alpha": lora.alpha,
@@ -162,8 +171,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             save_adapter(model, tokenizer, meta, tmp)
     checkpoint.remove()
     processes.wait()
-    log.info("train: best validation %s %.4f at step %d, %.1f samples/s -> %s", task.metric,
-             summary[f"best_val_{task.metric}"], summary["best_step"], timing["samples_per_s"], args.adapter_out)
+    log.info("train: best validation %s %.4f at step %d; %s -> %s", task.metric,
+             summary[f"best_val_{task.metric}"], summary["best_step"], describe(timing), args.adapter_out)
     return 0
 
 

@@ -380,7 +380,10 @@ def test_predict_merged_labels_like_the_quantized_model(pipeline: Pipeline, tmp_
     result = pd.read_csv(out, keep_default_na=False)
     assert result["label_id"].tolist() == trained_logits.argmax(-1).tolist()
     probs = torch.from_numpy(trained_logits).softmax(-1).max(-1).values.numpy()
-    assert np.allclose(result["score"], probs, atol=1e-4)
+    # Two computations (LoRA merged into the weights, the last layer for [CLS] only) round
+    # differently: the largest difference was 5.7e-5 with MKL's default code path and 1.2e-4 with
+    # MKL_CBWR=COMPATIBLE (stages/lib/reproducible.py), on this tiny random-init model.
+    assert np.allclose(result["score"], probs, atol=3e-4)
 
 
 def test_predict_keeps_clashing_input_columns_under_a_suffix(pipeline: Pipeline, tmp_path: Path,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stages.lib.batches import StreamedTokens, encode_truncated, pad_multiple, predict_logits
+from stages.lib.compiling import use_compile_cache
 from stages.lib.fast_bert import first_token_last_layer, fuse_gelu_epilogue
 from stages.lib.io import check_sha256_record, read_json, sha256_file, verify_sha256, write_json
 from stages.lib.params import PADDINGS, Lora, Quant, Task, UserError, parse_section
@@ -195,14 +196,16 @@ class Classifier(Trained):
         what its first max_length tokens cost)."""
         return encode_truncated(self.tokenizer, texts, self.meta.max_length)
 
-    def logits(self, sequences: Sequence[Sequence[int]], batch_size: int,
-               desc: str = "predict") -> np.ndarray:
-        """Logits of token id lists, padded as the training data was."""
+    def logits(self, sequences: Sequence[Sequence[int]], batch_size: int, desc: str = "predict",
+               on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Logits of token id lists, padded as the training data was; `on_batch(rows, tokens)`
+        after each batch."""
         if len(sequences) == 0:
             raise UserError("nothing to predict: no input texts")
         tokens = StreamedTokens(sequences, self.tokenizer.pad_token_id, self.device, self.meta.min_width,
                                 pad_multiple(self.device))
-        return predict_logits(self.model, tokens, batch_size, self.device, self.dtype, desc)
+        return predict_logits(self.model, tokens, batch_size, self.device, self.dtype, desc,
+                              on_batch=on_batch)
 
     @staticmethod
     def top_labels(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -325,6 +328,7 @@ def _load(adapters: Mapping[str, Path], where: Mapping[str, str], classifier: bo
     if compile:  # per region: the layers share one graph, compiled in seconds
         from accelerate.utils import compile_regions
 
+        use_compile_cache()  # before the first compile: graphs from earlier runs are reused
         model = compile_regions(model)
     if merged:  # after compile_regions, which compiles only layers that are all of one class
         first_token_last_layer(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -214,7 +214,8 @@ MIN_GROUP_ROWS = 64
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, tokens: PackedTokens | StreamedTokens, batch_size: int,
                    device: torch.device, dtype: torch.dtype, desc: str = "predict",
-                   min_group_rows: int = MIN_GROUP_ROWS) -> np.ndarray:
+                   min_group_rows: int = MIN_GROUP_ROWS,
+                   on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Logits in input order.
 
     Texts run longest first, in batches of at most `batch_size` texts of one padded width
@@ -222,7 +223,8 @@ def predict_logits(model: torch.nn.Module, tokens: PackedTokens | StreamedTokens
     CPU, one length and no padding). Each batch is a slice of tokens sorted once on the device
     (PackedTokens) or packed on the host as it is needed (StreamedTokens); either way the host
     queues batch after batch without waiting for the GPU. The logits come back in one copy, and
-    are put back in input order on the host.
+    are put back in input order on the host. `on_batch(rows, tokens)` is called after each
+    batch is queued (lib.throughput counts them).
     """
     order, batches = tokens.inference_batches(batch_size, min_group_rows)
     ordered = tokens.reordered(order)
@@ -235,6 +237,8 @@ def predict_logits(model: torch.nn.Module, tokens: PackedTokens | StreamedTokens
         with autocast(device, dtype) if mixed else nullcontext():
             logits = model(**ordered.rows(start, end)).logits
         out[start:end] = logits.float()
+        if on_batch:
+            on_batch(end - start, sum(ordered.lengths[start:end]))
     result = np.empty(out.shape, dtype=np.float32)
     result[order] = out.cpu().numpy()  # one copy back, one sync, at the end
     return result

@@ -29,11 +29,14 @@ from transformers import get_linear_schedule_with_warmup
 
 from stages.lib.batches import length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
-from stages.lib.distributed import Processes
+from stages.lib.compiling import (TRAIN_COMPILE_S, TRAIN_SAVED_S, decide_compile, parameter_total,
+                                  use_compile_cache)
+from stages.lib.distributed import Processes, SharedCheckpoint
 from stages.lib.optimizers import build_optimizer
 from stages.lib.params import Train
 from stages.lib.quantized import autocast, compile_for_training
 from stages.lib.tasks import Objective, format_scores
+from stages.lib.throughput import TRAIN_WARMUP_STEPS, Throughput, synchronize
 from stages.lib.tokenized import Splits
 
 log = logging.getLogger("qlora")
@@ -73,9 +76,12 @@ class Progress:
     seen: int = 0  # training examples so far
     window: list[float] = field(default_factory=list)  # losses since the last logged one
     epoch_losses: list[float] = field(default_factory=list)  # this epoch's logged losses
+    epoch_loss_sum: float = 0.0  # this epoch's step losses, summed (mean over workers)
+    epoch_steps: int = 0  # and how many steps they are
     history: list[list[Any]] = field(default_factory=list)  # [step, name, value] of every metric
     best: dict[str, float] = field(default_factory=dict)  # best validation scores and their step
     train_time_s: float = 0.0  # up to the last checkpoint
+    throughput: dict[str, Any] = field(default_factory=dict)  # Throughput.totals at the last checkpoint
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Progress:
@@ -88,7 +94,8 @@ class TrainingLoop:
 
     def __init__(self, model: torch.nn.Module, data: Splits, pad_id: int, min_width: int, cfg: Train,
                  objective: Objective, live: Live, device: torch.device, dtype: torch.dtype,
-                 checkpoint: Checkpoint | None, processes: Processes):
+                 checkpoint: Checkpoint | SharedCheckpoint | None, processes: Processes,
+                 started: float | None = None):
         self.model, self.data, self.pad_id, self.min_width = model, data, pad_id, min_width
         self.cfg, self.objective, self.live = cfg, objective, live
         self.device, self.dtype = device, dtype
@@ -98,6 +105,9 @@ class TrainingLoop:
         self.window: list[torch.Tensor] = []
         self.paused = 0.0  # seconds validating and checkpointing since `start`: not training time
         self.start = 0.0
+        # the stage's start (train.py passes it: loading the base counts as warm-up)
+        self.started = time.perf_counter() if started is None else started
+        self.epoch_loss = torch.zeros((), device=device)  # this epoch's step losses, summed on the device
 
     def setup(self) -> None:
         """Step counts, the compiled and DDP-wrapped forward, optimizer, scheduler, batch
@@ -114,18 +124,24 @@ class TrainingLoop:
         log.info("train: %d examples, batch %d (%d micro-batches per process), %d steps/epoch, "
                  "%d steps in all, %d warm-up", len(train_x), cfg.batch_size, cfg.gradient_accumulation_steps,
                  self.steps_per_epoch, self.total_steps, warmup)
+        self.train_tokens = self.objective.examples(train_x, train_y, self.pad_id, device, self.min_width)
+        tokens = round(self.total_steps * cfg.batch_size * float(np.mean(self.train_tokens.lengths)))
+        decision = decide_compile("train.compile", cfg.compile, device, tokens, parameter_total(self.model),
+                                  TRAIN_COMPILE_S, TRAIN_SAVED_S)
+        log.info(decision.reason)
+        if decision.compile:
+            use_compile_cache()  # before the first compile: graphs from earlier runs are reused
         # torch.compile fuses the many small element-wise kernels around each matmul (GPU): an
         # encoder as one graph (per-layer regions cost host time per call, docs/performance.md),
         # a decoder per layer (lib/quantized.compile_for_training). DDP goes around the compiled
         # model, so no DDP hooks are inside it. A causal LM's loss is the chunked one.
-        model = compile_for_training(self.model, self.objective.type) if cfg.compile else self.model
+        model = compile_for_training(self.model, self.objective.type) if decision.compile else self.model
         self.forward = processes.wrap(self.objective.loss_module(model))
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(cfg.optimizer, self.trainable.values(), lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.train_tokens = self.objective.examples(train_x, train_y, self.pad_id, device, self.min_width)
         self.val_tokens = self.objective.examples(val_x, self.val_y, self.pad_id, device, self.min_width,
                                                   scoring=True)
         # no backward pass: bigger batches fit, except where logits span a vocabulary
@@ -151,6 +167,7 @@ class TrainingLoop:
             log.info("resuming from checkpoint %s at step %d of %d (epoch %d)", self.checkpoint.directory,
                      self.progress.step, self.total_steps, self.progress.epoch + 1)
         self.window = [torch.tensor(v, device=self.device) for v in self.progress.window]
+        self.epoch_loss = torch.tensor(self.progress.epoch_loss_sum, device=self.device)
         return bool(resumed)
 
     def log_metric(self, name: str, value: float) -> None:
@@ -172,6 +189,8 @@ class TrainingLoop:
                     micro_loss = self.forward(**self.train_tokens.batch(rows)).loss / len(micro_batches)
                 micro_loss.backward()
             loss += micro_loss.detach()
+        self.epoch_loss += loss
+        self.progress.epoch_steps += 1
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -200,7 +219,7 @@ class TrainingLoop:
         scores = self.objective.scores(self.model, self.val_tokens, self.val_y, self.eval_batch,
                                        self.device, self.dtype, desc="validate")
         self.model.train()
-        self.paused += time.perf_counter() - begin  # scoring syncs: it ends with a copy to the host
+        self.pause(time.perf_counter() - begin)  # scoring syncs: it ends with a copy to the host
         for name, value in scores.items():
             self.log_metric(f"val/{name}", value)
         log.info("step %d: validation %s", self.progress.step, format_scores(scores))
@@ -208,11 +227,20 @@ class TrainingLoop:
             self.progress.best = {**scores, "step": self.progress.step}
             self.best_state.update({n: p.detach().clone() for n, p in self.trainable.items()})
 
+    def pause(self, seconds: float) -> None:
+        """Seconds spent validating or checkpointing: neither training time nor steady-state."""
+        self.paused += seconds
+        self.throughput.pause(seconds)
+
     def save_checkpoint(self) -> None:
         """Save the whole state (every worker's RNG; the main process writes)."""
+        synchronize(self.device)  # queued training steps belong to training time
         begin = time.perf_counter()
         self.progress.window = [w.item() for w in self.window]
+        # the workers' mean: each resumes from it, and the epoch's mean over workers stays exact
+        self.progress.epoch_loss_sum = self.processes.mean(self.epoch_loss).item()
         self.progress.train_time_s = self.progress.train_time_s + begin - self.start - self.paused
+        self.progress.throughput = self.throughput.totals(begin)
         self.start, self.paused = begin, 0.0  # the training time so far is in progress now
         rng = self.processes.gather(rng_states())
         if self.processes.is_main:
@@ -220,7 +248,7 @@ class TrainingLoop:
             states = {OPTIMIZER_STATE: self.optimizer.state_dict(), SCHEDULER_STATE: self.scheduler.state_dict(),
                       RNG_STATES: rng, EPOCH_START: self.epoch_start}
             self.checkpoint.save(tensors, states, dataclasses.asdict(self.progress))
-        self.paused += time.perf_counter() - begin
+        self.pause(time.perf_counter() - begin)
 
     def run_epoch(self, epoch: int) -> None:
         cfg, progress = self.cfg, self.progress
@@ -230,13 +258,15 @@ class TrainingLoop:
                    if len(b) >= self.processes.count]
         done = progress.step - epoch * self.steps_per_epoch  # > 0 only when resuming mid-epoch
         if done == 0:
-            progress.epoch_losses = []
+            progress.epoch_losses, progress.epoch_steps = [], 0
+            self.epoch_loss = torch.zeros((), device=self.device)
         progress.epoch = epoch
         todo = batches[done:][:self.total_steps - progress.step]
         bar = tqdm(todo, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=None if self.processes.is_main else True, initial=done, total=done + len(todo))
         for batch in bar:
             self.step(batch)
+            self.throughput.done(len(batch), sum(self.train_tokens.lengths[i] for i in batch))
             step = progress.step
             if step % cfg.log_every_steps == 0 or step == self.total_steps:
                 bar.set_description(f"epoch {epoch + 1}/{cfg.epochs} loss {self.log_loss():.3f}")
@@ -245,22 +275,26 @@ class TrainingLoop:
                 self.validate()
             if self.checkpoint and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
                 self.save_checkpoint()
-        losses = progress.epoch_losses
+        # the mean over this epoch's own steps, whatever train.log_every_steps is (a collective)
+        mean_loss = self.processes.mean(self.epoch_loss / max(progress.epoch_steps, 1)).item()
         log.info("epoch %d/%d: %d steps, mean train loss %.4f", epoch + 1, cfg.epochs,
-                 progress.step, float(np.mean(losses)) if losses else float("nan"))
+                 progress.step, mean_loss)
         self.validate()
 
     def run(self) -> dict[str, Any]:
         """Train to the end; the summary metrics. The best weights end up in the model."""
         self.setup()
         self.resume()
+        self.throughput = Throughput(self.device, TRAIN_WARMUP_STEPS, self.started, self.progress.throughput)
         self.start = time.perf_counter()
         self.model.train()
         for epoch in range(self.progress.epoch, self.cfg.epochs):
             self.run_epoch(epoch)
             if self.progress.step >= self.total_steps:
                 break
-        train_time = self.progress.train_time_s + time.perf_counter() - self.start - self.paused
+        now = time.perf_counter()  # the last validation synchronized the device
+        train_time = self.progress.train_time_s + now - self.start - self.paused
+        speed = self.throughput.report(with_tokens=self.objective.type != "classification", now=now)
         with torch.no_grad():
             for name, param in self.trainable.items():
                 param.copy_(self.best_state[name])
@@ -268,5 +302,4 @@ class TrainingLoop:
         return {"train_loss": progress.epoch_losses[-1] if progress.epoch_losses else float("nan"),
                 **{f"best_val_{name}": value for name, value in best.items() if name != "step"},
                 "best_step": best["step"], "steps": progress.step, "train_samples": progress.seen,
-                "train_time_s": round(train_time, 2),
-                "samples_per_s": round(progress.seen / train_time, 2) if train_time else 0.0}
+                "train_time_s": round(train_time, 2), **speed}

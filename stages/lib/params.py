@@ -44,6 +44,9 @@ SEED_RANGE = dict(ge=0, le=2**32 - 1)
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 ALL_LINEAR = "all-linear"  # lora.target_modules: peft's every linear layer but the output layer
 OFFLOAD = "offload"  # train.gradient_checkpointing: checkpoints in pinned host memory
+# train.compile / evaluate.compile: always, never, or where the expected run makes it pay
+# (stages/lib/compiling.py; on a CPU, auto means never)
+COMPILE_CHOICES = (True, False, "auto")
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Train:
     group_by_length: bool = rule()
     gradient_checkpointing: bool | str = rule(words=(OFFLOAD,))
     base_dropout: bool = rule()
-    compile: bool = rule()
+    compile: bool | str = rule(choices=COMPILE_CHOICES)
     processes: int = rule(ge=1)
     gradient_accumulation_steps: int = rule(ge=1)
     optimizer: str = rule(choices=OPTIMIZERS)
@@ -122,7 +125,7 @@ class Train:
 class Evaluate:
     batch_size: int = rule(ge=1)
     merged: bool = rule()
-    compile: bool = rule()
+    compile: bool | str = rule(choices=COMPILE_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -159,17 +162,27 @@ ALL_KEYS: tuple[str, ...] = tuple(
 )
 
 
+def _alternatives(tp: Any) -> tuple[Any, ...]:
+    """The member types of `a | b` (a union), else ()."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in YAML (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _type_name(tp: Any) -> str:
-    if isinstance(tp, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if _alternatives(tp):
+        return " or ".join(_type_name(t) for t in _alternatives(tp))
     if typing.get_origin(tp) is list:
         return f"list of {typing.get_args(tp)[0].__name__}"
     return tp.__name__
 
 
 def _check_type(value: Any, tp: Any) -> bool:
-    if isinstance(tp, types.UnionType):
-        return any(_check_type(value, t) for t in typing.get_args(tp))
+    if _alternatives(tp):
+        return any(_check_type(value, t) for t in _alternatives(tp))
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_check_type(v, item) for v in value)
@@ -202,8 +215,8 @@ def _check_value(key: str, value: Any, tp: Any, checks: Mapping[str, Any]) -> st
         return f"{key}: expected a finite float, got {value!r}"
     if checks.get("nonempty") and len(value) == 0:
         return f"{key}: expected a non-empty {_type_name(tp)}, got {value!r}"
-    if "choices" in checks and value not in checks["choices"]:
-        return f"{key}: expected one of {', '.join(checks['choices'])}, got {value!r}"
+    if "choices" in checks and not any(value == c and type(value) is type(c) for c in checks["choices"]):
+        return f"{key}: expected one of {', '.join(map(_show, checks['choices']))}, got {value!r}"
     for name, holds, symbol in _BOUNDS:
         if name in checks and not holds(value, checks[name]):
             return f"{key}: expected {_type_name(tp)} {symbol} {checks[name]}, got {value!r}"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import torch
 
 from stages.lib.io import check_sha256_record, sha256_file, verify_sha256
@@ -272,6 +273,19 @@ def portable_base_id(base: BaseOrigin) -> str:
     if base.kind == "package":
         return PACKAGE_HUB_IDS.get(base.package_name, base.name_or_path)
     return base.name_or_path
+
+
+def parameter_count(directory: str | Path) -> int:
+    """How many parameters a model directory's safetensors weights hold, read from their headers
+    (nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():
+                total += int(np.prod(weights.get_slice(name).get_shape(), dtype=np.int64))
+    return total
 
 
 def load_tokenizer(directory: str | Path):

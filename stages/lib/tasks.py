@@ -13,7 +13,7 @@ and the scores are comparable between epochs and runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,14 +65,17 @@ class Objective:
         return TokenBlocks(sequences, device, mask)
 
     def scores(self, model: torch.nn.Module, examples: PackedTokens | TokenBlocks, labels: Sequence[int] | None,
-               batch_size: int, device: torch.device, dtype: torch.dtype, desc: str = "score") -> dict[str, float]:
-        """The split's scores under `model` (in eval mode: the caller sets it)."""
+               batch_size: int, device: torch.device, dtype: torch.dtype, desc: str = "score",
+               on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """The split's scores under `model` (in eval mode: the caller sets it); `on_batch(rows,
+        tokens)` after each batch."""
         if self.type == "classification":
-            logits = torch.from_numpy(predict_logits(model, examples, batch_size, device, dtype, desc=desc))
+            logits = torch.from_numpy(predict_logits(model, examples, batch_size, device, dtype, desc=desc,
+                                                     on_batch=on_batch))
             return classification_scores(logits, labels)
         if self.type == "masked-lm" and examples.mask is not None:  # the same masks every time
             examples.mask.generator.manual_seed(SCORE_SEED)
-        return language_model_scores(model, examples, batch_size, device, dtype, desc)
+        return language_model_scores(model, examples, batch_size, device, dtype, desc, on_batch)
 
 
 def label_scores(labels: Sequence[int], predicted: Sequence[int],
@@ -103,7 +106,8 @@ def per_class_scores(labels: Sequence[int], predicted: Sequence[int],
 
 @torch.inference_mode()
 def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int,
-                          device: torch.device, dtype: torch.dtype, desc: str = "score") -> dict[str, float]:
+                          device: torch.device, dtype: torch.dtype, desc: str = "score",
+                          on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Mean cross-entropy per predicted token, and its exp (perplexity). A causal LM's loss is
     the chunked one (lib/losses.py): its full fp32 logits are never built."""
     total, count = 0.0, 0
@@ -125,6 +129,8 @@ def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_siz
                                                            ignore_index=-100, reduction="sum")
         total += losses.item()
         count += int((labels != -100).sum())
+        if on_batch:
+            on_batch(len(inputs["input_ids"]), inputs["input_ids"].numel())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 

@@ -1,0 +1,86 @@
+"""torch.compile: whether it pays for this run (`train.compile` / `evaluate.compile`: auto), and
+where its compiled graphs are kept so that the next run and experiment reuse them.
+
+Compiling costs a fixed time up front and saves a share of every step after it, so it pays only
+when a run has enough work. The rule (constants and their measurements: docs/performance.md#when-compiling-pays):
+
+    compile  when  tokens to process x base parameters (billions) x SAVED_S  >  COMPILE_S
+
+on a GPU; on a CPU `auto` never compiles (the CPU default run stays as it was). Tokens are the
+run's whole work (train: steps x batch x mean length; evaluate: the test split's tokens). The
+saving is taken as proportional to tokens x parameters, fitted where it was measured (bert-base);
+for a 6-layer model the host's per-step work makes the real saving larger, and the rule errs
+towards not compiling. `true` and `false` are kept as given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("qlora")
+
+# Training: torch.compile of the whole model, one GPU (docs/performance.md#when-compiling-pays).
+TRAIN_COMPILE_S = 90.0
+TRAIN_SAVED_S = 7.8e-6  # seconds saved per token per billion base parameters
+# Inference (evaluate): compiled layer by layer, with one recompile for dynamic widths.
+EVAL_COMPILE_S = 20.0
+EVAL_SAVED_S = 6.9e-6
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's FX graph, AOTAutograd and Triton kernel caches
+CACHE_SWITCHES = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    compile: bool
+    reason: str  # one sentence for the log: the setting and, for auto, the numbers behind it
+
+
+def decide_compile(key: str, setting: bool | str, device: torch.device, tokens: int, parameters: int,
+                   compile_s: float, saved_s: float) -> CompileDecision:
+    """Whether to compile, given the params value of `key` (true, false or "auto")."""
+    if setting is True or setting is False:
+        return CompileDecision(setting, f"{key}: {str(setting).lower()}")
+    if device.type != "cuda":
+        return CompileDecision(False, f"{key}: auto: not compiling on the {device.type} "
+                                      "(torch.compile pays on GPUs only)")
+    saving = tokens * parameters / 1e9 * saved_s
+    pays = saving > compile_s
+    return CompileDecision(pays, f"{key}: auto: {'compiling' if pays else 'not compiling'}: "
+                                 f"{tokens:,} tokens x {parameters / 1e6:,.1f}M parameters would save "
+                                 f"about {saving:,.1f} s, {'more' if pays else 'less'} than the about "
+                                 f"{compile_s:.0f} s compiling takes (docs/performance.md#when-compiling-pays)")
+
+
+def parameter_total(model: torch.nn.Module) -> int:
+    """A model's parameters, 4-bit ones counted as the weights they stand for (PEFT's count,
+    where the model is a PEFT model)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()[1]
+    return sum(p.numel() for p in model.parameters())
+
+
+def compile_cache_dir() -> Path:
+    """Where compiled graphs are kept: TORCHINDUCTOR_CACHE_DIR when the user set it, else
+    qlora-pipeline/torch-compile under the user's cache directory ($XDG_CACHE_HOME or
+    ~/.cache): outside the repository and outside /tmp (torch's default), so it survives reboots
+    and is shared by every run, experiment and queued experiment's temporary copy of the repo."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qlora-pipeline" / "torch-compile"
+
+
+def use_compile_cache() -> Path:
+    """Point inductor's caches at compile_cache_dir() and switch the graph caches on. Call it
+    before anything compiles: torch reads these variables when it first compiles."""
+    directory = compile_cache_dir()
+    os.environ[CACHE_ENV] = str(directory)
+    for switch in CACHE_SWITCHES:
+        os.environ.setdefault(switch, "1")
+    return directory
