@@ -44,10 +44,10 @@ def shorten(value: Any, limit: int = 60) -> str:
 
 
 def type_name(value: Any) -> str:
-    """The JSON name of a value's type, for messages about wrong types."""
-    names = {str: "string", bool: "boolean", int: "number", float: "number", list: "array",
-             dict: "object", type(None): "null"}
-    return next((name for kind, name in names.items() if isinstance(value, kind)), type(value).__name__)
+    """The JSON name of a value's type with its article ("an array"), for wrong-type messages."""
+    names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+             dict: "an object", type(None): "null"}
+    return next((name for kind, name in names.items() if isinstance(value, kind)), f"a {type(value).__name__}")
 
 
 def read_rows(path: Path) -> tuple[list[Any], list[str]]:
@@ -74,7 +74,7 @@ def read_rows(path: Path) -> tuple[list[Any], list[str]]:
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
                 if not isinstance(rows, list):
-                    raise UserError(f"{path}: expected a JSON array of objects, got a {type_name(rows)}")
+                    raise UserError(f"{path}: expected a JSON array of objects, got {type_name(rows)}")
                 where = [f"row {i}" for i in range(1, len(rows) + 1)]
             else:
                 rows, where = [], []
@@ -99,7 +99,7 @@ def read_rows(path: Path) -> tuple[list[Any], list[str]]:
 def detect_format(row: Any, where: str) -> str:
     """`chat` or `instruction`, from the fields of a file's first row."""
     if not isinstance(row, Mapping):
-        raise UserError(f"{where}: expected a JSON object, got a {type_name(row)}")
+        raise UserError(f"{where}: expected a JSON object, got {type_name(row)}")
     if "messages" in row and "instruction" in row:
         raise UserError(f"{where}: both `messages` and `instruction` fields (expected one format: chat or instruction)")
     if "messages" in row:
@@ -119,7 +119,7 @@ def text_field(row: Mapping[str, Any], name: str, where: str, required: bool) ->
             raise UserError(f"{where}: no `{name}` (expected a non-empty string)")
         return ""
     if not isinstance(value, str):
-        raise UserError(f"{where}: `{name}` is a {type_name(value)} (expected a string)")
+        raise UserError(f"{where}: `{name}` is {type_name(value)} (expected a string)")
     if required and not value.strip():
         raise UserError(f"{where}: `{name}` is empty (expected a non-empty string)")
     return value
@@ -130,7 +130,7 @@ def chat_conversation(row: Mapping[str, Any], where: str) -> Conversation:
     assistant turn."""
     messages = row["messages"]
     if not isinstance(messages, list):
-        raise UserError(f"{where}: `messages` is a {type_name(messages)} (expected an array of "
+        raise UserError(f"{where}: `messages` is {type_name(messages)} (expected an array of "
                         "{role, content} objects)")
     if not messages:
         raise UserError(f"{where}: `messages` is empty (expected user and assistant turns)")
@@ -138,7 +138,7 @@ def chat_conversation(row: Mapping[str, Any], where: str) -> Conversation:
     for index, message in enumerate(messages):
         at = f"{where} messages[{index}]"
         if not isinstance(message, Mapping):
-            raise UserError(f"{at}: a {type_name(message)} (expected a {{role, content}} object)")
+            raise UserError(f"{at}: {type_name(message)} (expected a {{role, content}} object)")
         role = message.get("role")
         if role not in ROLES:
             got = "no role" if role is None else f"role {shorten(role)}"
@@ -174,9 +174,7 @@ def conversations_from_rows(rows: Sequence[Any], source: str,
     conversations = []
     for row, place in zip(rows, where):
         at = f"{source} {place}"
-        if not isinstance(row, Mapping):
-            raise UserError(f"{at}: expected a JSON object, got a {type_name(row)}")
-        if key not in row:
+        if detect_format(row, at) != kind:  # an object with one of the two fields: checked there
             raise UserError(f"{at}: no `{key}` field (the file is in {kind} format, detected from its first row)")
         conversations.append(convert(row, at))
     return kind, conversations
