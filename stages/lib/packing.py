@@ -6,11 +6,12 @@ carries its examples' input_ids and labels end to end, position_ids restarting a
 example, and cu_seqlens, the examples' boundaries (0, end of the first, ..., row length).
 
 Attention stays inside each example because transformers (5.x) reads the restarting position_ids:
-given position_ids and no attention_mask (and no cache: pass use_cache=False), its mask builder
+given position_ids and no attention_mask (and no cache: config.use_cache defaults to True, and
+then the packed mask is skipped; `prepare_for_packing` turns it off), its mask builder
 (masking_utils.find_packed_sequence_indices) turns them into a block-diagonal causal mask for
 eager, SDPA and flex attention, and its flash-attention path (modeling_flash_attention_utils)
 into varlen cu_seqlens. Llama and GPT-2 pass position_ids to that mask builder; OPT does not
-(its SDPA and eager attention would see across examples), so `require_packing_support` runs a
+(its SDPA and eager attention would see across examples), so `prepare_for_packing` runs a
 probe on the model itself and refuses packing where examples would leak into each other.
 
 Each example's first token gets no label: the model's shift would otherwise train it as the
@@ -129,11 +130,12 @@ def collate_padded(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence
 
 @torch.no_grad()
 def attends_across_examples(model: torch.nn.Module, example_length: int = 8) -> bool:
-    """Whether `model`, as loaded (its attention implementation, this transformers version), lets
-    a packed example see the one before it. Probe: the second of two random examples, scored
-    alone, packed (restarting position_ids, no attention_mask) and packed with a full causal
-    mask (what a leak looks like). It leaks when packing moves its logits by more than a tenth of
-    what the full mask does; rounding in bf16 moves them far less."""
+    """Whether `model`, as loaded and called with its defaults (attention implementation, cache
+    setting, this transformers version), lets a packed example see the one before it. Probe: the
+    second of two random examples, scored alone, packed (restarting position_ids, no
+    attention_mask) and packed with a full causal mask (what a leak looks like). It leaks when
+    packing moves its logits by more than a tenth of what the full mask does; rounding in bf16
+    moves them far less."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
@@ -142,19 +144,22 @@ def attends_across_examples(model: torch.nn.Module, example_length: int = 8) -> 
     training = model.training
     model.eval()
     try:
-        alone = model(input_ids=ids[:, example_length:], position_ids=positions[:, :example_length],
-                      use_cache=False).logits.float()
-        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, example_length:].float()
-        full = model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
-                     use_cache=False).logits[:, example_length:].float()
+        alone = model(input_ids=ids[:, example_length:], position_ids=positions[:, :example_length]).logits.float()
+        packed = model(input_ids=ids, position_ids=positions).logits[:, example_length:].float()
+        full = model(input_ids=ids, position_ids=positions,
+                     attention_mask=torch.ones_like(ids)).logits[:, example_length:].float()
     finally:
         model.train(training)
     leak = (full - alone).abs().max()
     return bool((packed - alone).abs().max() > 0.1 * leak)
 
 
-def require_packing_support(model: torch.nn.Module) -> None:
-    """Refuse packing, in one line, for a model whose examples would attend to each other."""
+def prepare_for_packing(model: torch.nn.Module) -> None:
+    """Set `model` up for packed batches, or refuse packing in one line where its examples would
+    attend to each other. It turns the model's default cache off (config.use_cache): with a
+    cache, transformers skips the packed mask, and training needs none; generate() asks for its
+    own cache."""
+    model.config.use_cache = False
     if attends_across_examples(model):
         import transformers
 
