@@ -9,8 +9,9 @@ Attention stays inside each example because transformers (5.x) reads the restart
 given position_ids and no attention_mask (and no cache: config.use_cache defaults to True, and
 then the packed mask is skipped; `prepare_for_packing` turns it off), its mask builder
 (masking_utils.find_packed_sequence_indices) turns them into a block-diagonal causal mask for
-eager, SDPA and flex attention, and its flash-attention path (modeling_flash_attention_utils)
-into varlen cu_seqlens. Llama and GPT-2 pass position_ids to that mask builder; OPT does not
+eager, SDPA and flex attention. Its flash-attention path (modeling_flash_attention_utils) reads
+them only for a batch of ONE row (packing detected there, varlen kernels); for several rows pass
+`varlen_kwargs(rows)` to the model, or it attends across examples. Llama and GPT-2 pass position_ids to that mask builder; OPT does not
 (its SDPA and eager attention would see across examples), so `prepare_for_packing` runs a
 probe on the model itself and refuses packing where examples would leak into each other.
 
@@ -19,9 +20,10 @@ prediction of the previous example's last token. Unpacked, that token is never p
 so a packed batch has exactly the same targets, hence the same loss, as the examples padded.
 
 Costs: on the CPU, SDPA and eager build a dense (rows, 1, width, width) mask, which is fine at
-these sizes. On GPUs that quadratic mask is what packing must avoid: use flash attention
-(`attn_implementation="flash_attention_2"`, varlen from position_ids or `varlen_kwargs`) or flex
-attention (`"flex_attention"`: a sparse BlockMask that skips blocks across examples).
+these sizes. On GPUs that quadratic mask is what packing must avoid: use flex attention
+(`attn_implementation="flex_attention"`: a sparse BlockMask built from the same position_ids,
+blocks across examples skipped) or flash attention (`"flash_attention_2"`, needs the flash-attn
+package: varlen kernels, no mask at all, with `varlen_kwargs`).
 """
 
 from __future__ import annotations
@@ -135,12 +137,13 @@ def attends_across_examples(model: torch.nn.Module, example_length: int = 8) -> 
     second of two random examples, scored alone, packed (restarting position_ids, no
     attention_mask) and packed with a full causal mask (what a leak looks like). It leaks when
     packing moves its logits by more than a tenth of what the full mask does; rounding in bf16
-    moves them far less."""
+    moves them far less. Two packed rows, not one: transformers' flash-attention path reads
+    packing from position_ids only for a batch of one row."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab, (1, 2 * example_length), generator=generator).to(device)
-    positions = torch.arange(example_length, device=device).repeat(2)[None]
+    ids = torch.randint(vocab, (2, 2 * example_length), generator=generator).to(device)
+    positions = torch.arange(example_length, device=device).repeat(2)[None].expand(2, -1)
     training = model.training
     model.eval()
     try:
