@@ -144,3 +144,19 @@ def test_a_cache_would_switch_packing_off(examples, tokenizer) -> None:
         _, padded = packed_and_padded_loss(model, input_ids, labels, tokenizer.eos_token_id)
     assert not torch.allclose(cached, padded, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_through_a_peft_lora_model(examples, tokenizer) -> None:
+    """The LoRA-wrapped model the recipe trains passes position_ids through unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    input_ids, labels, _ = examples
+    model = get_peft_model(tiny_llama(len(tokenizer)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False))  # random B too: the adapters change the output
+    prepare_for_packing(model)
+    model.eval()
+    with torch.no_grad():
+        packed = model(**collate_packed(pack_examples(input_ids, labels, MAX_LENGTH), tokenizer.eos_token_id)).loss
+        padded = model(**collate_padded(input_ids, labels, tokenizer.eos_token_id)).loss
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
