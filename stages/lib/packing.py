@@ -84,6 +84,50 @@ def pack_examples(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[
     return rows
 
 
+def chat_columns(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], packing: bool,
+                 max_length: int) -> dict[str, list[list[int]]]:
+    """A split's dataset columns: packed rows (input_ids, labels, position_ids) or one example
+    per row (input_ids, labels)."""
+    if not packing:
+        return {"input_ids": [list(x) for x in input_ids], "labels": [list(x) for x in labels]}
+    rows = pack_examples(input_ids, labels, max_length)
+    return {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows],
+            "position_ids": [r.position_ids for r in rows]}
+
+
+def row_from_columns(input_ids: Sequence[int], labels: Sequence[int], position_ids: Sequence[int]) -> PackedRow:
+    """A stored packed row; its example boundaries are where position_ids restart at 0."""
+    starts = [i for i, p in enumerate(position_ids) if p == 0]
+    return PackedRow(list(input_ids), list(labels), list(position_ids), starts + [len(input_ids)])
+
+
+class ChatTokens:
+    """An sft split as batches (the loop's token store): packed rows (collate_packed) or one
+    example per row (collate_padded), with their labels, moved to `device`."""
+
+    def __init__(self, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+                 position_ids: Sequence[Sequence[int]] | None, pad_id: int, device: torch.device):
+        self.input_ids, self.labels, self.pad_id, self.device = input_ids, labels, pad_id, device
+        self.rows = (None if position_ids is None else
+                     [row_from_columns(*row) for row in zip(input_ids, labels, position_ids)])
+        self.lengths = [len(ids) for ids in input_ids]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def packed(self) -> bool:
+        return self.rows is not None
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        if self.rows is not None:
+            batch = collate_packed([self.rows[i] for i in indices], self.pad_id)
+        else:
+            batch = collate_padded([self.input_ids[i] for i in indices], [self.labels[i] for i in indices],
+                                   self.pad_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
 def collate_packed(rows: Sequence[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
     """Model inputs for packed rows: input_ids, labels, position_ids, and no attention_mask (that
     would switch the packed mask off). A shorter row is padded as one more example of its own
