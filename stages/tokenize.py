@@ -30,7 +30,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from stages.lib.chat import read_conversations
+from stages.lib.chat import conversations_from_rows, read_rows
 from stages.lib.chat_template import IGNORE_INDEX, encode_conversations, ensure_chat_template, labels_from_mask
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main
 from stages.lib.params import UserError, load_params
@@ -72,8 +72,9 @@ def tokenize_chats(tokenizer, split_dir, max_length: int, train_on_prompt: bool,
     parts = {}
     for name in SPLITS:
         path = split_dir / f"{name}.jsonl"
-        conversations = read_conversations(path)[1]
-        encoded = encode_conversations(tokenizer, conversations, max_length, str(path))
+        rows, where = read_rows(path)
+        conversations = conversations_from_rows(rows, str(path), where)[1]
+        encoded = encode_conversations(tokenizer, conversations, max_length, str(path), where)
         labels = [labels_from_mask(ids, mask, train_on_prompt)
                   for ids, mask in zip(encoded.input_ids, encoded.assistant_masks)]
         columns = chat_columns(encoded.input_ids, labels, packing and name != "test", max_length)

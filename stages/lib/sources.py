@@ -88,10 +88,16 @@ def resolve_model_source(name_or_path: str, revision: str) -> tuple[Path, dict[s
 def random_init_model(config_dir: Path) -> Path:
     """A model directory holding config_dir's config and tokenizer files plus weights drawn with
     RANDOM_INIT_SEED; built once per config content into the user's cache directory."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     files = sorted(f for f in config_dir.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
-    key = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
+    config = AutoConfig.from_pretrained(config_dir)
+    # A decoder is built with its LM head: one not tied to the embeddings (Llama's) would
+    # otherwise be missing from the weights and drawn afresh at every load.
+    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+    model_class = AutoModelForCausalLM if causal else AutoModel
+    key = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)
+                         + model_class.__name__.encode() * causal).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-pipeline" / "random-init"
     directory = cache / f"{config_dir.resolve().name}-{key}"
     if (directory / "model.safetensors").is_file():
@@ -102,7 +108,7 @@ def random_init_model(config_dir: Path) -> Path:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        AutoModel.from_config(AutoConfig.from_pretrained(config_dir)).save_pretrained(tmp)
+        model_class.from_config(config).save_pretrained(tmp)
         for f in files:
             if f.name != "config.json":
                 shutil.copyfile(f, tmp / f.name)
