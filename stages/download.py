@@ -2,7 +2,8 @@
 
 Reads  data.source (a directory with train/test files, or a `datasets` hub id), task.type,
        model.name_or_path, model.revision.
-Writes <data-out>/{train,test}.<csv|jsonl|parquet> (classification) or the corpus files
+Writes <data-out>/{train,test}.<csv|jsonl|parquet> (classification), {train,test}.<jsonl|json|parquet>
+       (sft: chat or instruction rows; a hub dataset's splits as parquet) or the corpus files
        train[/valid/test].txt[.gz] (language models), and <model-out>/ (config, safetensors
        weights, tokenizer), each with a SOURCE.json saying where it came from (id, revision,
        sha256).
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stages.lib.chat import find_instruction_file
 from stages.lib.io import atomic_dir, run_main, sha256_file, write_json
 from stages.lib.sources import SOURCE_FILE, copy_model_files, resolve_model_source
 from stages.lib.tables import CORPUS_NAMES, find_corpus, find_table
@@ -32,8 +34,12 @@ def fetch_dataset(source: str, out_dir: Path, task: str = "classification") -> d
     models), or save a hub dataset's splits."""
     path = Path(source)
     if path.is_dir():
-        sources = ([find_table(path, split) for split in SPLITS] if task == "classification"
-                   else list(find_corpus(path).values()))
+        if task == "classification":
+            sources = [find_table(path, split) for split in SPLITS]
+        elif task == "sft":  # chat or instruction rows: validated by split
+            sources = [find_instruction_file(path, split) for split in SPLITS]
+        else:
+            sources = list(find_corpus(path).values())
         files = {}
         for src in sources:
             shutil.copyfile(src, out_dir / src.name)
@@ -41,9 +47,10 @@ def fetch_dataset(source: str, out_dir: Path, task: str = "classification") -> d
         return {"kind": "local", "path": source, "sha256": files}
     if path.exists():
         raise UserError(f"data.source: {source} is a file; expected a directory holding "
-                        + ("train and test files (.csv, .jsonl or .parquet)" if task == "classification"
-                           else "train.txt (and optionally valid.txt, test.txt)"))
-    if task != "classification":
+                        + {"classification": "train and test files (.csv, .jsonl or .parquet)",
+                           "sft": "train and test files (.jsonl, .json or .parquet; chat or instruction rows)"}
+                        .get(task, "train.txt (and optionally valid.txt, test.txt)"))
+    if task not in ("classification", "sft"):  # sft: a hub dataset's train/test splits, as tables
         return _fetch_hub_corpus(source, out_dir)
     return _fetch_hub_dataset(source, out_dir)
 

@@ -10,12 +10,16 @@ Writes <metrics-out>/ (DVCLive): metrics.json and timing.json (the one part that
        per-class precision, recall and F1; plots/sklearn/confusion_matrix.json;
        plots/custom/per_class_f1.json. Language models: loss and perplexity per predicted token
        (masked-lm: on a fixed, seeded 15% mask); causal-lm also samples.json, the text generated
-       from each of generate.prompts.
+       from each of generate.prompts. sft: loss and perplexity on the response tokens, and
+       exact_match of greedy answers (generate.max_new_tokens, stopping at eos) to the test
+       prompts rendered with the chat template; samples.json holds every prompt, reference and
+       answer (lib.answers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -24,15 +28,16 @@ from pathlib import Path
 import torch
 from dvclive import Live
 
-from stages.lib.adapter import AdapterMeta, load_adapter, load_language_model, read_adapter_meta
+from stages.lib.adapter import LanguageModel, load_adapter, load_language_model, read_adapter_meta
+from stages.lib.answers import generate_answers, score_answers
 from stages.lib.compiling import EVAL_COMPILE_S, EVAL_SAVED_S, decide_compile
 from stages.lib.io import TIMING_FILE, atomic_dir, run_main, write_json
 from stages.lib.params import load_params
-from stages.lib.quantized import memory_hint
+from stages.lib.quantized import autocast, memory_hint
 from stages.lib.sources import parameter_count
 from stages.lib.tasks import Objective, format_scores, label_scores, per_class_scores
 from stages.lib.throughput import EVAL_WARMUP_BATCHES, Throughput, describe
-from stages.lib.tokenized import load_tokenized
+from stages.lib.tokenized import ChatTargets, load_tokenized
 
 PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile", "generate.prompts",
           "generate.max_new_tokens", "generate.do_sample", "generate.temperature", "generate.top_k",
@@ -58,22 +63,42 @@ def timing(throughput: Throughput, elapsed: float, with_tokens: bool) -> dict[st
     return {"eval_time_s": round(elapsed, 2), **throughput.report(with_tokens)}
 
 
-def evaluate_language_model(p, blocks: list[list[int]], args: argparse.Namespace, meta: AdapterMeta,
-                            started: float) -> None:
-    """Loss and perplexity on the test blocks; causal-lm: samples from the fixed prompts."""
+def answer_test_prompts(lm: LanguageModel, targets: ChatTargets, p) -> tuple[float, dict]:
+    """Exact match of greedy answers to the test conversations' prompts, and the samples."""
+    conversations = [json.loads(c) for c in targets.conversations]
+
+    def answer(prompts):
+        with autocast(lm.device, lm.dtype):
+            return generate_answers(lm.model, lm.tokenizer, prompts, p["generate.max_new_tokens"],
+                                    p["evaluate.batch_size"])
+
+    with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
+        score, records = score_answers(conversations, answer)
+    return score, {"settings": {"max_new_tokens": p["generate.max_new_tokens"], "do_sample": False},
+                   "samples": records}
+
+
+def evaluate_language_model(p, blocks: list[list[int]], targets: ChatTargets | None,
+                            args: argparse.Namespace, started: float) -> None:
+    """Loss and perplexity on the test blocks (sft: response tokens); causal-lm: samples from
+    the fixed prompts; sft: exact match of answers to the test prompts."""
     lm = load_language_model(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],
                              compile=should_compile(p, blocks, args.base))
     objective = Objective(lm.meta.task, lm.tokenizer)
     throughput = Throughput(lm.device, EVAL_WARMUP_BATCHES, started)
     start = time.perf_counter()
     with memory_hint("evaluate.batch_size", p["evaluate.batch_size"]):
-        examples = objective.examples(blocks, None, lm.tokenizer.pad_token_id, lm.device, scoring=True)
+        examples = objective.examples(blocks, targets, lm.tokenizer.pad_token_id, lm.device, scoring=True)
         metrics = objective.scores(lm.model, examples, None, p["evaluate.batch_size"], lm.device, lm.dtype,
                                    desc="evaluate", on_batch=throughput.done)
     elapsed = time.perf_counter() - start  # scoring syncs every batch (.item())
     speed = timing(throughput, elapsed, with_tokens=True)
-    metrics.update(test_blocks=len(blocks), block_tokens=len(blocks[0]))
-    samples = None
+    if lm.task == "sft":
+        metrics["exact_match"], samples = answer_test_prompts(lm, targets, p)
+        metrics.update(test_examples=len(blocks), test_tokens=sum(map(len, blocks)))
+    else:
+        metrics.update(test_blocks=len(blocks), block_tokens=len(blocks[0]))
+        samples = None
     if lm.task == "causal-lm":
         settings = {k: p[f"generate.{k}"] for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "seed")}
         texts = lm.generate(p["generate.prompts"], **settings)
@@ -102,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()  # warm-up counts from here: loading, compiling, first batches
         p = load_params(args.params, PARAMS)
         data, _ = load_tokenized(Path(args.data))
-        meta = read_adapter_meta(Path(args.adapter))
-        if meta.task_type != "classification":
-            evaluate_language_model(p, data["test"][0], args, meta, started)
+        if read_adapter_meta(Path(args.adapter)).task_type != "classification":
+            evaluate_language_model(p, *data["test"], args, started)
             return
         sequences, labels = data["test"]
         classifier = load_adapter(args.adapter, base_dir=args.base, merged=p["evaluate.merged"],

@@ -6,7 +6,9 @@ Writes <out>/: adapter_model.safetensors (LoRA + the fully trained head), adapte
        pipeline.json (labels, max_length, quantization, base provenance),
        quantization_config.json (the BitsAndBytesConfig to load the base with) and README.md
        (model card: params, metrics, how to load). With export.merged, also merged/: the base
-       loaded in fp32 (never 4-bit: merging into 4-bit rounds the update away) with LoRA merged in.
+       loaded in fp32 (never 4-bit: merging into 4-bit rounds the update away) with LoRA merged in;
+       sft: the base dequantized from its 4 bits plus LoRA, in the 16-bit compute dtype, with the
+       tokenizer and its chat template (loads with AutoModelForCausalLM, no peft).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ log = logging.getLogger("qlora")
 
 
 PIPELINE_TAGS = {"classification": "text-classification", "masked-lm": "fill-mask",
-                 "causal-lm": "text-generation"}
+                 "causal-lm": "text-generation", "sft": "text-generation"}
 PEFT_CLASSES = {"classification": "AutoPeftModelForSequenceClassification",
-                "masked-lm": "AutoPeftModel", "causal-lm": "AutoPeftModelForCausalLM"}
+                "masked-lm": "AutoPeftModel", "causal-lm": "AutoPeftModelForCausalLM",
+                "sft": "AutoPeftModelForCausalLM"}
 
 
 def model_card(meta: AdapterMeta, base_id: str, train: dict[str, Any], test: dict[str, Any]) -> str:
@@ -60,6 +63,12 @@ accuracy **{test['accuracy']:.4f}**, macro-F1 **{test['f1_macro']:.4f}**, weight
 | class | precision | recall | F1 | support |
 | --- | --- | --- | --- | --- |
 {per_class}"""
+    elif task == "sft":
+        what, head_args = "instruction-tuned (sft) adapter; its tokenizer carries the chat template.", ""
+        use = 'python -m stages.cli.generate --model <this directory> --chat "What is the capital of France?"'
+        results = f"""## Test metrics ({test['test_examples']} conversations)
+response-token loss **{test['loss']:.4f}**, perplexity **{test['perplexity']:.2f}**, exact match of
+greedy answers **{test['exact_match']:.4f}**"""
     else:
         what, head_args = f"{task} adapter.", ""
         use = ('python -m stages.cli.generate --model <this directory> "ROMEO:"' if task == "causal-lm"
@@ -109,11 +118,22 @@ best validation {best} {train[f'best_val_{best}']:.4f} at step {train['best_step
 
 
 def write_merged(adapter_dir: Path, base_dir: Path, meta: AdapterMeta, out: Path) -> None:
-    """Merge LoRA into a full-precision copy of the base and save it as a plain model."""
+    """Merge LoRA into a copy of the base and save it as a plain model. A classifier merges
+    into the full-precision base, in fp32. An sft model merges into the base dequantized from
+    the 4 bits it was trained on (the weights the adapter learnt against), saved in the 16-bit
+    compute dtype (bf16/fp16; fp32 if so configured): what vLLM or llama.cpp converters read."""
     from peft import PeftModel
-    base = load_base(base_dir, meta.labels, dataclasses.replace(meta.quant, type="none"), meta.modules_to_save,
-                     torch.device("cpu"), torch.float32, task=meta.task_type)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if meta.task_type == "sft":
+        base = load_base(base_dir, meta.labels, meta.quant, meta.modules_to_save, torch.device("cpu"),
+                         torch.float32, task=meta.task_type)
+        if meta.quant.type != "none":
+            base = base.dequantize()
+        dtype = DTYPES[meta.quant.compute_dtype]
+    else:
+        base = load_base(base_dir, meta.labels, dataclasses.replace(meta.quant, type="none"), meta.modules_to_save,
+                         torch.device("cpu"), torch.float32, task=meta.task_type)
+        dtype = torch.float32
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(adapter_dir).save_pretrained(out)
 

@@ -6,6 +6,8 @@ Writes classification: <out>/{train,validation,test}.csv (columns text, label as
        labels.json; validation is stratified by label, test is kept as given.
        language models: <out>/{train,validation,test}.txt; a split the corpus lacks is cut from
        the end of train (see lib.tables.split_corpus).
+       sft: <out>/{train,validation,test}.jsonl, chat rows ({"messages": [...]}) after every row
+       of train and test was validated (lib.chat); validation is a seeded random share of train.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import argparse
 import logging
 import sys
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from stages.lib.chat import conversation_lines, find_instruction_file, read_conversations
 from stages.lib.io import atomic_dir, require_dir, run_main, write_json
 from stages.lib.params import UserError, load_params
 from stages.lib.tables import find_corpus, find_table, load_labelled, read_lines, read_table, split_corpus
@@ -56,6 +60,23 @@ def split_text(raw, val_fraction: float, out: str) -> None:
     log.info("split: %s lines -> %s", ", ".join(f"{len(v)} {k}" for k, v in parts.items()), out)
 
 
+def split_chats(raw, val_fraction: float, seed: int, out: str) -> None:
+    """Validated conversations of train (cut into train/validation, seeded) and test, as chat JSON Lines."""
+    train_all = read_conversations(find_instruction_file(raw, "train"))[1]
+    test = read_conversations(find_instruction_file(raw, "test"))[1]
+    n_val = round(len(train_all) * val_fraction)
+    if n_val < 1 or n_val >= len(train_all):
+        raise UserError(f"split.val_fraction: {val_fraction} of {len(train_all)} train rows leaves an empty "
+                        "train or validation split")
+    order = np.random.default_rng(seed).permutation(len(train_all))
+    parts = {"train": [train_all[i] for i in sorted(order[n_val:])],
+             "validation": [train_all[i] for i in sorted(order[:n_val])], "test": test}
+    with atomic_dir(out) as tmp:
+        for name, conversations in parts.items():
+            (tmp / f"{name}.jsonl").write_text(conversation_lines(conversations), encoding="utf-8")
+    log.info("split: %s conversations -> %s", ", ".join(f"{len(v)} {k}" for k, v in parts.items()), out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", required=True)
@@ -66,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         p = load_params(args.params, PARAMS)
         raw = require_dir(args.raw, "raw dataset")
+        if p["task.type"] == "sft":
+            split_chats(raw, p["split.val_fraction"], p["split.seed"], args.out)
+            return
         if p["task.type"] != "classification":
             split_text(raw, p["split.val_fraction"], args.out)
             return

@@ -87,9 +87,12 @@ def check_batch_shares(cfg: Train, params_file: str) -> None:
 
 
 def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg: Train, task: str,
-                device: torch.device, dtype: torch.dtype):
-    """The base, quantized and prepared for training, with LoRA attached."""
+                device: torch.device, dtype: torch.dtype, prepare=None):
+    """The base, quantized and prepared for training (`prepare`: the task's own setup of the
+    loaded base, Objective.prepare), with LoRA attached."""
     model = load_base(base_dir, labels, quant, lora.modules_to_save, device, dtype, task=task)
+    if prepare is not None:
+        prepare(model)
     model = prepare_for_training(model, cfg.gradient_checkpointing, quant.cache_dequantized, cfg.base_dropout)
     if cfg.gradient_checkpointing == OFFLOAD:
         try:
@@ -125,19 +128,23 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     origin = read_json(base_dir / SOURCE_FILE)
     set_seed(cfg.seed)
     device, dtype = compute_setup(quant.compute_dtype)
-    model = build_model(base_dir, tokenized.labels, quant, lora, cfg, task.type, device, dtype)
+    tokenizer = load_tokenizer(base_dir)
+    if tokenized.chat_template:  # saved with the adapter: generation renders prompts as training did
+        tokenizer.chat_template = tokenized.chat_template
+    objective = Objective(task, tokenizer)
+    model = build_model(base_dir, tokenized.labels, quant, lora, cfg, task.type, device, dtype,
+                        functools.partial(objective.prepare, packed=tokenized.packed))
     if processes.count > 1:  # weights start alike (same seed); dropout masks differ per worker
         torch.manual_seed(cfg.seed + processes.rank)
     n_trainable, n_all = model.get_nb_trainable_parameters()
     log.info("model %s, quant %s, device %s, compute %s: %d trainable of %d parameters (%.3f%%)",
              origin["name_or_path"], quant.type, device, dtype, n_trainable, n_all, 100 * n_trainable / n_all)
-    tokenizer = load_tokenizer(base_dir)
     # Resume only a run of these params, data, base model and code.
     code = Path(__file__).parent
     checkpoint = processes.share(Checkpoint(args.checkpoint_dir, fingerprint(
         dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")])))
     loop = functools.partial(TrainingLoop, model, data, tokenizer.pad_token_id, tokenized.min_width, cfg,
-                             Objective(task, tokenizer), device=device, dtype=dtype, checkpoint=checkpoint,
+                             objective, device=device, dtype=dtype, checkpoint=checkpoint,
                              processes=processes, started=started)
     hint = " (dvc exp run -S train.batch_size=N), or set train.gradient_checkpointing: true"
     if not processes.is_main:  # trains its shards; the main process writes every output

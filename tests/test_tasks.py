@@ -19,7 +19,7 @@ import torch
 from helpers import (INTENTS, ROOT, STAGES, Pipeline, compose, error_message, read_yaml, run_recipe,
                      run_stage, tiny_overrides)
 
-RECIPES = ("classification", "intent-classification", "masked-lm", "causal-lm")
+RECIPES = ("classification", "intent-classification", "masked-lm", "causal-lm", "sft")
 
 
 @pytest.fixture(scope="module", params=("masked-lm", "causal-lm", "intent-classification"))

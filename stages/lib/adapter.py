@@ -226,8 +226,8 @@ class LanguageModel(Trained):
                      temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[list[int]]:
         """The token ids each prompt continues with: exactly max_new_tokens of them (no early
         stop at eos), sampled with a fixed seed (or greedy), one prompt at a time."""
-        if self.task != "causal-lm":
-            raise UserError(f"a {self.task} adapter cannot generate text (causal-lm adapters only)")
+        if self.task not in ("causal-lm", "sft"):
+            raise UserError(f"a {self.task} adapter cannot generate text (causal-lm and sft adapters only)")
         outputs = []
         for prompt in prompts:
             ids = self.tokenizer(prompt, return_tensors="pt").to(self.device)

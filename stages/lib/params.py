@@ -31,10 +31,12 @@ def rule(**checks: Any) -> Any:
     return field(metadata=checks)
 
 
-TASK_TYPES = ("classification", "masked-lm", "causal-lm")
+TASK_TYPES = ("classification", "masked-lm", "causal-lm", "sft")
 # The validation metric that picks the best checkpoint, per task type; loss-like ones are minimised.
 TASK_METRICS = {"classification": ("accuracy", "f1_macro", "f1_weighted", "loss"),
-                "masked-lm": ("perplexity", "loss"), "causal-lm": ("perplexity", "loss")}
+                "masked-lm": ("perplexity", "loss"), "causal-lm": ("perplexity", "loss"),
+                # sft validates on response tokens only; exact_match is scored by evaluate, not per epoch
+                "sft": ("loss", "perplexity")}
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 PADDINGS = ("longest", "max_length")
@@ -80,6 +82,12 @@ class Model:
 class Tokenize:
     max_length: int = rule(ge=8, le=8192)
     padding: str = rule(choices=PADDINGS)
+
+
+@dataclass(frozen=True)
+class Sft:
+    train_on_prompt: bool = rule()
+    packing: bool = rule()
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,7 @@ SCHEMA: dict[str, type] = {
     "split": Split,
     "model": Model,
     "tokenize": Tokenize,
+    "sft": Sft,
     "quant": Quant,
     "lora": Lora,
     "train": Train,

@@ -39,7 +39,8 @@ def compute_setup(requested: str) -> tuple[torch.device, torch.dtype]:
 
 # Output layers a language model keeps unquantized (tied to the input embeddings, like QLoRA's
 # lm_head): naming any skip module replaces transformers' own default list, so they are named here.
-OUTPUT_LAYERS = {"classification": (), "masked-lm": ("decoder", "lm_head"), "causal-lm": ("lm_head",)}
+OUTPUT_LAYERS = {"classification": (), "masked-lm": ("decoder", "lm_head"), "causal-lm": ("lm_head",),
+                 "sft": ("lm_head",)}
 
 
 def quantization_config(quant: Quant, compute_dtype: torch.dtype,
@@ -69,7 +70,7 @@ def auto_model_class(task: str):
 
     return {"classification": transformers.AutoModelForSequenceClassification,
             "masked-lm": transformers.AutoModelForMaskedLM,
-            "causal-lm": transformers.AutoModelForCausalLM}[task]
+            "causal-lm": transformers.AutoModelForCausalLM, "sft": transformers.AutoModelForCausalLM}[task]
 
 
 def load_base(base_dir: Path, labels: Sequence[str], quant: Quant,
@@ -157,7 +158,8 @@ def attach_lora(model: torch.nn.Module, lora: Lora, task: str = "classification"
     if unknown:
         raise UserError(f"lora.modules_to_save: {', '.join(unknown)} not in this model")
     # peft has no masked-LM task type: None wraps the model as it is
-    task_type = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(task)
+    task_type = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM,
+                 "sft": TaskType.CAUSAL_LM}.get(task)
     config = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha,
                         lora_dropout=lora.dropout, target_modules=targets,
                         modules_to_save=list(lora.modules_to_save) or None)

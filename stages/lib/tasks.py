@@ -4,6 +4,8 @@ classification  texts and class ids; scores: loss, accuracy, macro and weighted 
 masked-lm       blocks of tokens, 15% (task.mlm_probability) masked by transformers'
                 DataCollatorForLanguageModeling; scores: loss and perplexity on masked tokens
 causal-lm       blocks of tokens, each predicting its next token; scores: loss and perplexity
+sft             conversations (packed rows or one per row) with labels on the assistant's tokens;
+                scores: loss and perplexity on those tokens only (response tokens)
 
 Training draws masks from the global RNG (so a resumed run redraws the same ones); scoring draws
 them from a generator seeded with SCORE_SEED, so every evaluation of a split sees the same masks
@@ -23,7 +25,9 @@ from tqdm import tqdm
 
 from stages.lib.batches import PackedTokens, TokenBlocks, pad_multiple, predict_logits
 from stages.lib.losses import CHUNK_TOKENS, ChunkedCausalLM, causal_lm_loss, output_head
+from stages.lib.packing import ChatTokens, prepare_for_packing
 from stages.lib.params import Task
+from stages.lib.tokenized import ChatTargets
 from stages.lib.quantized import autocast
 
 SCORE_SEED = 1234
@@ -50,9 +54,20 @@ class Objective:
         cross-entropy (never the full fp32 logits), other models as they are."""
         return ChunkedCausalLM(model) if self.type == "causal-lm" else model
 
-    def examples(self, sequences: Sequence[Sequence[int]], labels: Sequence[int] | None, pad_id: int,
-                 device: torch.device, min_width: int = 0, scoring: bool = False) -> PackedTokens | TokenBlocks:
-        """A split as batches on `device`: padded texts with labels, or token blocks."""
+    def prepare(self, model: torch.nn.Module, packed: bool) -> None:
+        """Set the loaded base up for this task's training batches: sft trains without a cache,
+        and packed rows only where the model keeps their examples apart (else one line)."""
+        if self.type == "sft":
+            model.config.use_cache = False
+            if packed:
+                prepare_for_packing(model)
+
+    def examples(self, sequences: Sequence[Sequence[int]], labels: Sequence[int] | ChatTargets | None,
+                 pad_id: int, device: torch.device, min_width: int = 0,
+                 scoring: bool = False) -> PackedTokens | TokenBlocks | ChatTokens:
+        """A split as batches on `device`: padded texts with labels, token blocks, or chats."""
+        if self.type == "sft":
+            return ChatTokens(sequences, labels.labels, labels.position_ids, pad_id, device)
         if self.type == "classification":
             return PackedTokens(sequences, pad_id, device, min_width, pad_multiple(device),
                                 None if scoring else labels)
@@ -73,6 +88,8 @@ class Objective:
             logits = torch.from_numpy(predict_logits(model, examples, batch_size, device, dtype, desc=desc,
                                                      on_batch=on_batch))
             return classification_scores(logits, labels)
+        if self.type == "sft":
+            return response_scores(model, examples, batch_size, device, dtype, desc)
         if self.type == "masked-lm" and examples.mask is not None:  # the same masks every time
             examples.mask.generator.manual_seed(SCORE_SEED)
         return language_model_scores(model, examples, batch_size, device, dtype, desc, on_batch)
@@ -131,6 +148,24 @@ def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_siz
         count += int((labels != -100).sum())
         if on_batch:
             on_batch(len(inputs["input_ids"]), inputs["input_ids"].numel())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+@torch.inference_mode()
+def response_scores(model: torch.nn.Module, chats: ChatTokens, batch_size: int, device: torch.device,
+                    dtype: torch.dtype, desc: str = "score") -> dict[str, float]:
+    """Mean cross-entropy per labelled (response) token, and its exp; packed or not, the same
+    targets, so the same numbers."""
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(chats), batch_size), desc=desc, unit="batch", disable=None, leave=False):
+        inputs = chats.batch(range(start, min(start + batch_size, len(chats))))
+        labels = inputs.pop("labels")[:, 1:]  # position t predicts token t + 1
+        with autocast(device, dtype):
+            logits = model(**inputs).logits[:, :-1]
+        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                   ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
