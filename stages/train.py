@@ -74,7 +74,7 @@ def check_batch_shares(cfg: Train, params_file: str) -> None:
         raise UserError(f"{params_file}: train.batch_size {cfg.batch_size} is not a multiple of "
                         f"train.processes {cfg.processes} (each process takes an equal share "
                         "of every batch)")
-    if cfg.compile and cfg.gradient_checkpointing == OFFLOAD:
+    if cfg.compile is True and cfg.gradient_checkpointing == OFFLOAD:
         raise UserError(f"{params_file}: train.gradient_checkpointing {OFFLOAD} does not combine with "
                         "train.compile true (the offloaded checkpoint runs outside the compiled layers); "
                         "set one of them differently")

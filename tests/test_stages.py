@@ -126,7 +126,8 @@ def test_tokenize_writes_a_dataset_with_truncated_ids(pipeline: Pipeline) -> Non
         assert all(2 <= len(ids) <= 16 for ids in part["input_ids"])
         assert part["input_ids"][0] == tokenizer(split["text"][0], truncation=True, max_length=16)["input_ids"]
     assert read_json(pipeline.tokenized / "tokenized.json") == {
-        "task": "classification", "labels": LABELS, "max_length": 16, "padding": "longest"}
+        "task": "classification", "labels": LABELS, "max_length": 16, "padding": "longest",
+        "packed": False, "chat_template": ""}
 
 
 # --- train ----------------------------------------------------------------------------------
