@@ -21,13 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python benchmarks/<script>.py`: the library sits beside
     sys.path.insert(0, str(ROOT))
 
-from stages.lib.adapter import AdapterMeta, BaseOrigin, load_adapter, save_adapter  # noqa: E402
+from stages.lib.adapter import AdapterMeta, load_adapter, save_adapter  # noqa: E402
 from stages.lib.distributed import Processes  # noqa: E402
 from stages.lib.io import sha256_file  # noqa: E402
 from stages.lib.loop import NullLive, TrainingLoop  # noqa: E402
 from stages.lib.params import Lora, Quant, Task, Train  # noqa: E402
 from stages.lib.quantized import attach_lora, compute_setup, load_base, prepare_for_training  # noqa: E402
-from stages.lib.sources import load_tokenizer, resolve_model_source  # noqa: E402
+from stages.lib.sources import BaseOrigin, load_tokenizer, resolve_model_source  # noqa: E402
 from stages.lib.tasks import Objective  # noqa: E402
 
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
@@ -117,7 +117,7 @@ def train(model, data, pad_id: int, cfg: Train, device: torch.device, dtype: tor
 
 def write_adapter(model, adapter_dir: Path, model_dir: Path, compute: str) -> None:
     """The adapter directory train writes, for a model built by quantized_lora_model."""
-    base = BaseOrigin(kind="local", name_or_path=str(model_dir),
+    base = BaseOrigin(kind="local", name_or_path=str(model_dir.resolve()),
                       sha256={f.name: sha256_file(f) for f in sorted(model_dir.glob("*.safetensors"))},
                       extra={"path": str(model_dir.resolve())})
     meta = AdapterMeta(CLASSIFICATION, LABELS, 128, "longest", nf4(compute), LORA,

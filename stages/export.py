@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta, write_adapter_config
+from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta, hash_adapter_files, read_adapter_meta, write_adapter_config
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.params import load_params
 from stages.lib.quantized import DTYPES, load_base, quantization_config
@@ -131,19 +131,21 @@ def main(argv: list[str] | None = None) -> int:
         p = load_params(args.params, PARAMS)
         adapter_dir = require_dir(args.adapter, "trained adapter")
         base_dir = require_dir(args.base, "base model")
-        meta = AdapterMeta.load(adapter_dir / ADAPTER_META_FILE)
+        meta = read_adapter_meta(adapter_dir)
         train = read_json(Path(args.metrics) / "train" / "metrics.json")
         test = read_json(Path(args.metrics) / "evaluate" / "metrics.json")
-        base_id = portable_base_id(meta.base.to_json())
+        base_id = portable_base_id(meta.base)
         with atomic_dir(args.out) as tmp:
             for f in adapter_dir.iterdir():
-                if f.is_file() and f.name != "README.md":
+                if f.is_file() and f.name not in ("README.md", ADAPTER_META_FILE):
                     shutil.copyfile(f, tmp / f.name)
             write_adapter_config(tmp, base_model_name_or_path=base_id)
             bnb = quantization_config(meta.quant, DTYPES[meta.quant.compute_dtype], meta.modules_to_save,
                                       meta.task_type)
             if bnb is not None:
                 write_json(tmp / "quantization_config.json", bnb.to_dict())
+            # adapter_config.json now names the portable base: record the bundle's own hashes
+            meta.with_hashes(hash_adapter_files(tmp)).save(tmp / ADAPTER_META_FILE)
             (tmp / "README.md").write_text(model_card(meta, base_id, train, test), encoding="utf-8")
             if p["export.merged"]:
                 write_merged(adapter_dir, base_dir, meta, tmp / "merged")

@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.lib.adapter import AdapterMeta, BaseOrigin, save_adapter
+from stages.lib.adapter import AdapterMeta, save_adapter
 from stages.lib.checkpoint import Checkpoint, fingerprint
 from stages.lib.distributed import WORKER_ENV, Processes, launch
 from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.loop import NullLive, TrainingLoop
 from stages.lib.params import Lora, Quant, Train, UserError, load_params
 from stages.lib.quantized import attach_lora, compute_setup, load_base, memory_hint, prepare_for_training
-from stages.lib.sources import SOURCE_FILE, load_tokenizer
+from stages.lib.sources import SOURCE_FILE, BaseOrigin, load_tokenizer
 from stages.lib.tasks import Objective
 from stages.lib.tokenized import load_tokenized
 
@@ -144,7 +144,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         # unchanged metrics and export (which reads metrics.json) does not rerun.
         write_json(metrics_tmp / TIMING_FILE, timing)
         meta = AdapterMeta(task, tokenized.labels, tokenized.max_length, tokenized.padding, quant, lora,
-                           dataclasses.asdict(cfg), lora.modules_to_save, BaseOrigin.from_json(origin), {})
+                           dataclasses.asdict(cfg), lora.modules_to_save,
+                           BaseOrigin.from_json(base_dir / SOURCE_FILE, origin), {})
         with atomic_dir(args.adapter_out) as tmp:
             save_adapter(model, tokenizer, meta, tmp)
     checkpoint.remove()

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,83 @@ def test_full_disk_is_one_clear_error_and_no_output(copied: Pipeline, stage: str
     for directory in dirs:
         assert not directory.exists()
         assert leftovers(directory.parent) == []
+
+
+# --- concurrent writers and permissions (atomic_file / atomic_dir) --------------------------
+
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from stages.lib.io import atomic_file
+target, ready, go = map(Path, sys.argv[1:4])
+with atomic_file(target) as f:
+    f.write("first writer\\n")
+    ready.touch()
+    deadline = time.monotonic() + 60
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+"""
+
+
+def test_concurrent_writers_keep_each_others_temporaries(tmp_path: Path) -> None:
+    """Two predict runs to one --output outside DVC: the second must not delete the first's
+    temporary (the first then died with FileNotFoundError after all its work)."""
+    from stages.lib.io import atomic_file
+
+    target, ready, go = tmp_path / "out.csv", tmp_path / "ready", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target), str(ready), str(go)],
+                             cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.02)
+        with atomic_file(target) as f:  # the second writer, start to finish meanwhile
+            f.write("second writer\n")
+        assert target.read_text() == "second writer\n"
+        go.touch()
+        assert first.wait(timeout=60) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert target.read_text() == "first writer\n"  # the last to finish wins, whole
+    assert leftovers(tmp_path) == []
+
+
+def test_dead_writers_temporaries_are_removed(tmp_path: Path) -> None:
+    from stages.lib.io import atomic_dir, atomic_file
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".out.csv.tmp-{dead.pid}-x1y2").write_text("half")
+    (tmp_path / f".model.tmp-{dead.pid}-old").mkdir()
+    (tmp_path / ".model.tmp-abc123").mkdir()  # no pid: from before pids were in names
+    with atomic_file(tmp_path / "out.csv") as f:
+        f.write("x")
+    with atomic_dir(tmp_path / "model") as d:
+        (d / "a.txt").write_text("a")
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_outputs_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """mkstemp/mkdtemp make 600/700; outputs must get what open()/mkdir() would give."""
+    from stages.lib.io import atomic_dir, atomic_file, write_json
+
+    old = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "out.csv") as f:
+            f.write("x")
+        with atomic_dir(tmp_path / "model") as d:
+            write_json(d / "pipeline.json", {"a": 1})  # itself written through mkstemp
+            (d / "sub").mkdir()
+            with atomic_dir(d / "sub" / "inner") as inner:
+                (inner / "w.bin").write_bytes(b"w")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "out.csv", tmp_path / "model" / "pipeline.json", tmp_path / "model" / "sub" / "inner" / "w.bin"]
+    dirs = [tmp_path / "model", tmp_path / "model" / "sub", tmp_path / "model" / "sub" / "inner"]
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
+    for path in dirs:
+        assert path.stat().st_mode & 0o777 == 0o777 & ~umask, (path, oct(path.stat().st_mode))

@@ -249,17 +249,18 @@ def test_damaged_adapter_is_refused(pipeline: Pipeline, tmp_path: Path, how: str
 
 
 @pytest.mark.parametrize("keep", [0.5, 8 / 1e9], ids=["half", "header-only"])
-def test_truncated_adapter_without_checksum_is_a_user_error(pipeline: Pipeline, tmp_path: Path,
-                                                             keep: float) -> None:
-    """An adapter whose pipeline.json has no checksums still fails cleanly when it cannot parse."""
+def test_truncated_adapter_is_a_user_error(pipeline: Pipeline, tmp_path: Path, keep: float) -> None:
+    """Weights that do not parse fail cleanly even when their recorded hash was updated to match."""
+    from stages.lib.io import sha256_file
+
     adapter = tmp_path / "adapter"
     shutil.copytree(pipeline.adapter, adapter)
-    meta = json.loads((adapter / "pipeline.json").read_text())
-    del meta["sha256"]
-    (adapter / "pipeline.json").write_text(json.dumps(meta))
     weights = adapter / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:max(8, int(len(data) * keep))])
+    meta = json.loads((adapter / "pipeline.json").read_text())
+    meta["sha256"]["adapter_model.safetensors"] = sha256_file(weights)
+    (adapter / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(UserError) as info:
         load_adapter(adapter, base_dir=pipeline.base)
     assert str(info.value).startswith(
@@ -359,3 +360,80 @@ def test_other_runtime_errors_keep_their_traceback(pipeline: Pipeline, tmp_path:
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         run_stage("evaluate", argv)
     assert_nothing_written(run.metrics / "evaluate")
+
+
+# --- predict outputs, checked before the model loads -----------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.cli import predict
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(predict, "load_adapter", refuse)
+
+
+@pytest.mark.parametrize("case", ["directory", "same-as-input", "same-via-other-spelling", "parent-is-a-file"])
+def test_predict_refuses_bad_output_before_loading(pipeline: Pipeline, tmp_path: Path, capsys,
+                                                   no_model_load, case: str) -> None:
+    from stages.cli import predict
+
+    src = tmp_path / "in.csv"
+    src.write_text("text\nhello\n")
+    original = src.read_bytes()
+    out, expected = {
+        "directory": (tmp_path, f"--output {tmp_path}: is a directory (expected a CSV file to write)"),
+        "same-as-input": (src, f"--output {src}: the same file as --input (refusing to overwrite the input)"),
+        "same-via-other-spelling": (tmp_path / "." / "in.csv",
+                                    f"--output {tmp_path / '.' / 'in.csv'}: the same file as --input "
+                                    "(refusing to overwrite the input)"),
+        "parent-is-a-file": (src / "out.csv", f"--output {src / 'out.csv'}: {src} is not a directory"),
+    }[case]
+    assert predict.main(["--model", str(pipeline.export), "--input", str(src), "--output", str(out)]) == 1
+    assert error_message(capsys.readouterr().err) == expected
+    assert src.read_bytes() == original
+
+
+# --- params files a stage is given directly ---------------------------------------------------
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("split.seed", -1, "split.seed: expected int >= 0, got -1"),
+    ("train.seed", 2**32, "train.seed: expected int <= 4294967295, got 4294967296"),
+    ("generate.seed", -7, "generate.seed: expected int >= 0, got -7"),
+    ("lora.alpha", float("inf"), "lora.alpha: expected a finite float, got inf"),
+    ("train.lr", float("nan"), "train.lr: expected a finite float, got nan"),
+    ("train.max_grad_norm", float("inf"), "train.max_grad_norm: expected a finite float, got inf"),
+    ("split.val_fraction", float("-inf"), "split.val_fraction: expected a finite float, got -inf"),
+])
+def test_params_reject_out_of_range_seeds_and_non_finite_floats(tmp_path: Path, raw_dir: Path, write_params,
+                                                                 capsys, key: str, value, expected: str) -> None:
+    assert run_split(tmp_path, raw_dir, write_params, {key: value}) == 1
+    assert error_message(capsys.readouterr().err) == f"{tmp_path / 'params.yaml'}: {expected}"
+    assert_nothing_written(tmp_path / "data" / "split")
+
+
+def test_every_float_key_rejects_non_finite(tmp_path: Path) -> None:
+    import typing
+
+    from stages.lib.params import SCHEMA, _check_value
+
+    floats = [(section, f) for section, cls in SCHEMA.items() for f in __import__("dataclasses").fields(cls)
+              if typing.get_type_hints(cls)[f.name] is float]
+    assert floats
+    for section, f in floats:
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            assert _check_value(f"{section}.{f.name}", bad, float, f.metadata) is not None, (section, f.name, bad)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"split:\n  seed: 4\xff2\n", "not UTF-8 text (byte 16: invalid start byte)"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to be a params file"),
+])
+def test_unreadable_params_file_is_one_line(tmp_path: Path, raw_dir: Path, capsys, content: bytes,
+                                            expected: str) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_bytes(content)
+    assert run_stage("split", ["--params", str(params), "--raw", str(raw_dir),
+                               "--out", str(tmp_path / "data" / "split")]) == 1
+    assert error_message(capsys.readouterr().err) == f"{params}: {expected}"

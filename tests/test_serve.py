@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import socket
@@ -190,14 +191,15 @@ def test_metrics_format(url: str) -> None:
     r = httpx.get(f"{url}/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     families = re.findall(r"^# TYPE (\S+) (\S+)$", r.text, re.M)
-    assert families == [("qlora_serve_requests_total", "counter"), ("qlora_serve_texts_total", "counter"),
+    assert families == [("qlora_serve_requests_total", "counter"),
+                        ("qlora_serve_client_disconnects_total", "counter"), ("qlora_serve_texts_total", "counter"),
                         ("qlora_serve_batches_total", "counter"),
                         ("qlora_serve_batch_size_texts", "histogram"),
                         ("qlora_serve_batch_requests", "histogram"),
                         ("qlora_serve_request_duration_seconds", "histogram")]
-    # every sample line is `name{labels} number`
+    # every sample line is `name{labels} number` (or `name number`)
     for line in r.text.splitlines():
-        assert line.startswith("#") or re.fullmatch(r'[a-z_]+\{([a-z_]+="[^"]*",?)+\} [0-9.e+-]+', line), line
+        assert line.startswith("#") or re.fullmatch(r'[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? [0-9.e+-]+', line), line
 
 
 def test_cli_errors(tmp_path: Path, pipeline: Pipeline, capsys: pytest.CaptureFixture[str]) -> None:
@@ -241,7 +243,123 @@ def test_cli_errors(tmp_path: Path, pipeline: Pipeline, capsys: pytest.CaptureFi
         (["--adapter", f"a={pipeline.export}", "--base", str(tmp_path / "nobase")],
          f"{tmp_path / 'nobase'}: base model not found (expected a directory; run `dvc repro`)"),
         (["--adapter", f"a={pipeline.export}", "--max-batch-size", "0"], "--max-batch-size: expected int >= 1, got 0"),
+        (["--adapter", f"a={pipeline.export}", "--max-connections", "0"], "--max-connections: expected int >= 1, got 0"),
+        (["--adapter", f"a={pipeline.export}", "--body-timeout-s", "0"], "--body-timeout-s: expected a number > 0, got 0.0"),
     ]
     for argv, message in cases:
         assert main(argv) == 1
         assert error_message(capsys.readouterr().err) == message
+
+
+# --- slow, aborted and too many clients -------------------------------------------------------
+
+STRICT = Limits(max_batch_size=8, max_texts=16, max_text_chars=400, max_body_bytes=8192,
+                batch_wait_ms=5, body_timeout_s=1.0, max_connections=3)
+
+
+@pytest.fixture
+def strict_server(adapters: dict[str, Path], caplog: pytest.LogCaptureFixture) -> Iterator[tuple[str, int]]:
+    """A server with a 1 s body timeout and room for 3 connections; its logs go to caplog."""
+    import uvicorn
+
+    from stages.cli.serve.app import server_config
+
+    app = create_app(load_adapters(adapters), STRICT)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, STRICT, "127.0.0.1", 0, log_level="info"))
+    errors = logging.getLogger("uvicorn.error")  # where uvicorn logs an application's traceback
+    errors.addHandler(caplog.handler)  # after uvicorn configured its logging
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield "127.0.0.1", sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+    errors.removeHandler(caplog.handler)
+
+
+def partial_request(address: tuple[str, int], body_bytes: bytes, length: int = 100) -> socket.socket:
+    """A classify request whose headers promise `length` bytes of body, of which `body_bytes` sent."""
+    conn = socket.create_connection(address, timeout=10)
+    conn.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % length + body_bytes)
+    return conn
+
+
+def metric_lines(address: tuple[str, int]) -> list[str]:
+    text = httpx.get(f"http://{address[0]}:{address[1]}/metrics", timeout=10).text
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+def metric_values(address: tuple[str, int]) -> dict[str, float]:
+    """Every sample of /metrics by its series (`name{labels}`), as a number."""
+    return {series: float(value) for series, value in (line.rsplit(" ", 1) for line in metric_lines(address))}
+
+
+def test_slow_body_gets_408_and_aborted_body_no_500(strict_server: tuple[str, int],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    slow = partial_request(strict_server, b"{")
+    start = time.monotonic()
+    answer = b""
+    try:
+        for _ in range(20):  # one byte every 0.3 s: never done within the 1 s timeout
+            try:
+                slow.sendall(b" ")
+            except OSError:  # the server closed the connection after answering
+                break
+            slow.settimeout(0.3)
+            try:
+                answer += slow.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        slow.settimeout(5)
+        while not answer.endswith(b"}"):  # the rest of the answer, until the server closes
+            more = slow.recv(4096)
+            if not more:
+                break
+            answer += more
+    finally:
+        slow.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert answer.endswith(b'{"detail":"request body not received within 1 s"}'), answer
+    assert time.monotonic() - start < 5
+
+    deadline = time.monotonic() + 20
+    for n in range(1, 4):  # clients that go away mid-body, one at a time (3 at once would hit max_connections)
+        partial_request(strict_server, b'{"adapter": "ne').close()
+        while metric_values(strict_server).get("qlora_serve_client_disconnects_total") != n:
+            assert time.monotonic() < deadline, metric_lines(strict_server)
+            time.sleep(0.05)
+    lines = metric_lines(strict_server)
+    assert metric_values(strict_server)['qlora_serve_requests_total{adapter="",status="408"}'] == 1
+    assert not any('status="500"' in line for line in lines), lines
+    tracebacks = [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+    assert tracebacks == [], [r.getMessage() for r in tracebacks]
+
+
+def test_connections_beyond_the_bound_get_503(strict_server: tuple[str, int]) -> None:
+    """max_connections idle connections are open: a request on one more gets 503 at once."""
+    held = [socket.create_connection(strict_server, timeout=10) for _ in range(STRICT.max_connections)]
+    try:
+        time.sleep(0.5)  # let the server accept them all
+        response = httpx.post(f"http://{strict_server[0]}:{strict_server[1]}/v1/classify",
+                              json={"adapter": "news", "texts": ["hello"]}, timeout=10)
+        assert response.status_code == 503
+    finally:
+        for conn in held:
+            conn.close()
+    deadline = time.monotonic() + 10  # once they are gone (timed out or closed), service resumes
+    while True:
+        response = httpx.post(f"http://{strict_server[0]}:{strict_server[1]}/v1/classify",
+                              json={"adapter": "news", "texts": ["hello"]}, timeout=10)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert response.status_code == 200

@@ -236,7 +236,12 @@ def test_export_bundle(pipeline: Pipeline, tiny_model_dir: Path) -> None:
     assert not (export / "merged").exists()  # export.merged is false
     assert (export / "adapter_model.safetensors").read_bytes() == \
         (pipeline.adapter / "adapter_model.safetensors").read_bytes()
-    assert read_json(export / "pipeline.json") == read_json(pipeline.adapter / "pipeline.json")
+    exported, trained = read_json(export / "pipeline.json"), read_json(pipeline.adapter / "pipeline.json")
+    # the same record, but for adapter_config.json (its base renamed) and quantization_config.json
+    assert {k: v for k, v in exported.items() if k != "sha256"} == {k: v for k, v in trained.items() if k != "sha256"}
+    assert set(exported["sha256"]) == set(trained["sha256"]) | {"quantization_config.json"}
+    for name, digest in exported["sha256"].items():
+        assert sha256_file(export / name) == digest, name
     assert read_json(export / "adapter_config.json")["base_model_name_or_path"] == str(tiny_model_dir)
     bnb = read_json(export / "quantization_config.json")
     assert bnb["load_in_4bit"] is True and bnb["bnb_4bit_quant_type"] == "nf4"

@@ -94,6 +94,19 @@ def predict_csv(classifier: Classifier, src: Path, dst: Path, batch_size: int) -
     return rows
 
 
+def check_output(output: Path, src: Path) -> None:
+    """Refuse an --output that cannot be written or would destroy the input, before any work."""
+    if output.is_dir():
+        raise UserError(f"--output {output}: is a directory (expected a CSV file to write)")
+    if output.resolve() == src.resolve() or (output.exists() and output.samefile(src)):
+        raise UserError(f"--output {output}: the same file as --input (refusing to overwrite the input)")
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is not a directory")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="exported bundle or adapter directory")
@@ -115,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--batch-size: expected int >= 1, got {args.batch_size}")
         if args.input and not args.input.is_file():  # before the slow model load
             raise UserError(f"{args.input}: input file not found")
+        if args.output:
+            check_output(args.output, args.input)
         classifier = load_adapter(args.model, merged=args.merged, compile=args.compile)
         with memory_hint("--batch-size", args.batch_size):
             if args.texts:

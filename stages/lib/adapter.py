@@ -6,7 +6,9 @@ An adapter directory (models/adapter, models/export) holds the PEFT `save_pretra
 (safetensors only), the tokenizer, and pipeline.json: the task, label names, max_length and
 padding it was trained with, its quantization, LoRA and train settings, where its base model
 came from, and the sha256 of its weights. That file is what lets evaluate, export, predict and
-serve rebuild exactly the model that train trained.
+serve rebuild exactly the model that train trained. `AdapterMeta.load` rejects any field of the
+wrong type, out of range or outside its choices, and any file name that is not a plain name
+inside the directory, with one line naming the file and key (docs/failure-handling.md).
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.lib.batches import StreamedTokens, pad_multiple, predict_logits
+from stages.lib.batches import StreamedTokens, encode_truncated, pad_multiple, predict_logits
 from stages.lib.fast_bert import first_token_last_layer, fuse_gelu_epilogue
-from stages.lib.io import read_json, sha256_file, verify_sha256, write_json
-from stages.lib.params import Lora, Quant, Task, UserError
+from stages.lib.io import check_sha256_record, read_json, sha256_file, verify_sha256, write_json
+from stages.lib.params import PADDINGS, Lora, Quant, Task, UserError, parse_section
 from stages.lib.quantized import autocast, compute_setup, load_base
-from stages.lib.sources import load_tokenizer, resolve_model_source
+from stages.lib.sources import BaseOrigin, load_tokenizer, resolve_adapter_base
 from stages.lib.tokenized import min_width
 
 log = logging.getLogger("qlora")
@@ -34,31 +36,15 @@ log = logging.getLogger("qlora")
 ADAPTER_META_FILE = "pipeline.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Files of an adapter directory its sha256 record leaves out: the record itself and the model card.
+UNHASHED_FILES = (ADAPTER_META_FILE, "README.md")
+JSON_SCALARS = (str, int, float, bool, type(None))
 
 
 # --- the metadata -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BaseOrigin:
-    """Where the base model came from (models/base/SOURCE.json), and its files' sha256."""
-
-    kind: str
-    name_or_path: str
-    sha256: dict[str, str]
-    extra: dict[str, Any]  # the kind's own keys: package and version, path, repo_id and revision, ...
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> BaseOrigin:
-        extra = {k: v for k, v in value.items() if k not in ("kind", "name_or_path", "sha256")}
-        return cls(value["kind"], value["name_or_path"], value["sha256"], extra)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name_or_path": self.name_or_path, "sha256": self.sha256, **self.extra}
-
-    @property
-    def revision(self) -> str:
-        """The hub revision a hub base was fetched at (other kinds have none: "main")."""
-        return self.extra["revision"] if self.kind == "hub" else "main"
+def _fail(path: Path, key: str, message: str) -> UserError:
+    return UserError(f"{path}: {key}: {message}")
 
 
 @dataclass(frozen=True)
@@ -74,23 +60,48 @@ class AdapterMeta:
     train: dict[str, Any]  # the train section it was trained with (model card, provenance)
     modules_to_save: list[str]
     base: BaseOrigin
-    sha256: dict[str, str]  # of the files a load reads, by name
+    sha256: dict[str, str]  # every file a load reads, by plain name
 
     @classmethod
     def from_json(cls, path: Path, raw: Any) -> AdapterMeta:
+        path = Path(path)
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
-        if isinstance(raw, dict) and "sha256" not in raw:  # written before checksums were
-            raw = {**raw, "sha256": {}}
-        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
-            found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-            raise UserError(f"{path}: expected keys {', '.join(names)}, found {found}")
-        return cls(Task(**raw["task"]), raw["labels"], raw["max_length"], raw["padding"], Quant(**raw["quant"]),
-                   Lora(**raw["lora"]), raw["train"], raw["modules_to_save"], BaseOrigin.from_json(raw["base"]),
-                   raw["sha256"])
+        for key in raw:
+            if key not in names:
+                raise UserError(f"{path}: {key}: unknown key (expected one of {', '.join(names)})")
+        for key in names:
+            if key not in raw:
+                raise _fail(path, key, "missing" + (" (no sha256 record: refusing an adapter whose "
+                                                    "files cannot be checked)" if key == "sha256" else ""))
+        task = parse_section(path, "task", raw["task"], Task)
+        labels = raw["labels"]
+        if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+            raise _fail(path, "labels", f"expected a list of non-empty strings, got {labels!r}"[:300])
+        if task.type == "classification" and not labels:
+            raise _fail(path, "labels", "expected at least one label for a classification adapter")
+        max_length = raw["max_length"]
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise _fail(path, "max_length", f"expected int >= 1, got {max_length!r}")
+        if raw["padding"] not in PADDINGS:
+            raise _fail(path, "padding", f"expected one of {', '.join(PADDINGS)}, got {raw['padding']!r}")
+        train = raw["train"]
+        if not isinstance(train, dict) or not all(isinstance(v, JSON_SCALARS) for v in train.values()):
+            raise _fail(path, "train", "expected a mapping of keys to plain values")
+        modules = raw["modules_to_save"]
+        if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+            raise _fail(path, "modules_to_save", f"expected a list of non-empty strings, got {modules!r}"[:300])
+        sha256 = check_sha256_record(path, "sha256", raw["sha256"])
+        if ADAPTER_WEIGHTS not in sha256:
+            raise _fail(path, "sha256", f"no entry for {ADAPTER_WEIGHTS}")
+        return cls(task, list(labels), max_length, raw["padding"], parse_section(path, "quant", raw["quant"], Quant),
+                   parse_section(path, "lora", raw["lora"], Lora), dict(train), list(modules),
+                   BaseOrigin.from_json(path, raw["base"]), sha256)
 
     @classmethod
     def load(cls, path: str | Path) -> AdapterMeta:
-        """Read pipeline.json (the file itself, not its directory)."""
+        """Read and validate pipeline.json (the file itself, not its directory)."""
         return cls.from_json(Path(path), read_json(path))
 
     def to_json(self) -> dict[str, Any]:
@@ -100,7 +111,10 @@ class AdapterMeta:
                 "modules_to_save": self.modules_to_save, "base": self.base.to_json(), "sha256": self.sha256}
 
     def save(self, path: str | Path) -> None:
-        write_json(path, self.to_json())
+        """Write pipeline.json atomically; what is written is validated as a load would."""
+        data = self.to_json()
+        AdapterMeta.from_json(Path(path), data)
+        write_json(path, data)
 
     @property
     def task_type(self) -> str:
@@ -109,6 +123,9 @@ class AdapterMeta:
     @property
     def min_width(self) -> int:
         return min_width(self.max_length, self.padding)
+
+    def with_hashes(self, sha256: Mapping[str, str]) -> AdapterMeta:
+        return dataclasses.replace(self, sha256=dict(sha256))
 
 
 def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> AdapterMeta:
@@ -126,6 +143,13 @@ def read_adapter_meta(adapter_dir: Path, where: str | None = None) -> AdapterMet
     return meta
 
 
+def hash_adapter_files(adapter_dir: Path) -> dict[str, str]:
+    """sha256 of every file a load of this adapter directory reads (weights, adapter_config.json,
+    tokenizer files), by name: all its top-level files but pipeline.json and the model card."""
+    return {f.name: sha256_file(f) for f in sorted(Path(adapter_dir).iterdir())
+            if f.is_file() and f.name not in UNHASHED_FILES}
+
+
 def write_adapter_config(adapter_dir: Path, **overrides: Any) -> None:
     """Rewrite adapter_config.json byte-stably: PEFT stores target_modules as a set, whose order
     changes with Python's hash seed, and an output DVC hashes must not change between runs."""
@@ -139,12 +163,11 @@ def write_adapter_config(adapter_dir: Path, **overrides: Any) -> None:
 
 def save_adapter(model: torch.nn.Module, tokenizer: Any, meta: AdapterMeta, directory: Path) -> None:
     """Write an adapter directory into `directory` (the caller's temporary one): PEFT's weights
-    (safetensors) and config, the tokenizer, and pipeline.json with the weights' sha256."""
+    (safetensors) and config, the tokenizer, and pipeline.json with every file's sha256."""
     model.save_pretrained(directory, safe_serialization=True)
     write_adapter_config(directory)
     tokenizer.save_pretrained(directory)
-    meta = dataclasses.replace(meta, sha256={ADAPTER_WEIGHTS: sha256_file(directory / ADAPTER_WEIGHTS)})
-    meta.save(directory / ADAPTER_META_FILE)
+    meta.with_hashes(hash_adapter_files(directory)).save(directory / ADAPTER_META_FILE)
 
 
 # --- trained models ---------------------------------------------------------------------------
@@ -168,10 +191,9 @@ class Classifier(Trained):
         return self.meta.labels
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids, truncated as the training data was."""
-        # only the ids: masks are rebuilt per batch from the lengths (StreamedTokens)
-        return self.tokenizer(list(texts), truncation=True, max_length=self.meta.max_length,
-                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        """Token ids, truncated as the training data was (encode_truncated: a long text costs
+        what its first max_length tokens cost)."""
+        return encode_truncated(self.tokenizer, texts, self.meta.max_length)
 
     def logits(self, sequences: Sequence[Sequence[int]], batch_size: int,
                desc: str = "predict") -> np.ndarray:
@@ -285,7 +307,7 @@ def _load(adapters: Mapping[str, Path], where: Mapping[str, str], classifier: bo
     metas = _read_metas(adapters, where, classifier)
     meta = next(iter(metas.values()))
     if base_dir is None:
-        base_dir, _ = resolve_model_source(meta.base.name_or_path, meta.base.revision)
+        base_dir = resolve_adapter_base(meta.base, next(iter(adapters.values())) / ADAPTER_META_FILE)
     device, dtype = compute_setup(meta.quant.compute_dtype)
     model = load_base(Path(base_dir), meta.labels, meta.quant, meta.modules_to_save, device, dtype,
                       task=meta.task_type)
@@ -323,7 +345,7 @@ def load_adapter(adapter_dir: str | Path, base_dir: str | Path | None = None,
     """Rebuild the trained classifier from an adapter directory.
 
     The base comes from `base_dir` when given (the pipeline's models/base), else from where
-    pipeline.json says it came from (package, local directory or hub id). `merged` dequantizes
+    pipeline.json says it came from (resolve_adapter_base: nothing is imported or run). `merged` dequantizes
     the 4-bit base once and merges LoRA into it: the same weights as the quantized model, but
     plain matmuls in the compute dtype, much faster for inference. The merged classifier then
     computes its last layer for [CLS] only (FirstTokenLayer), and on a GPU each FFN's GELU runs

@@ -1,6 +1,7 @@
 """Token batches: the stores that hold a split's token ids (PackedTokens on the device,
 StreamedTokens on the host, TokenBlocks for language models), the order training draws them in
-(length_grouped_batches), and the inference plan that runs them longest first (predict_logits).
+(length_grouped_batches), the inference plan that runs them longest first (predict_logits), and
+the ids of texts to run (encode_truncated).
 """
 
 from __future__ import annotations
@@ -237,3 +238,40 @@ def predict_logits(model: torch.nn.Module, tokens: PackedTokens | StreamedTokens
     result = np.empty(out.shape, dtype=np.float32)
     result[order] = out.cpu().numpy()  # one copy back, one sync, at the end
     return result
+
+
+# Texts are tokenized from prefixes of this many characters per token of max_length, doubled until
+# the ids settle; PREFIX_CAP_CHARS_PER_TOKEN bounds the prefix of a text that never settles.
+PREFIX_CHARS_PER_TOKEN = 8
+PREFIX_CAP_CHARS_PER_TOKEN = 1024
+
+
+def encode_truncated(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """`tokenizer(texts, truncation=True, max_length=max_length)`'s ids, read from prefixes.
+
+    A tokenizer reads a whole text (and keeps every token's offsets) before truncating it, so one
+    50 MB text cost gigabytes. Here each text is cut to a prefix that can hold max_length tokens;
+    a prefix that yields max_length tokens is doubled until two successive prefixes give the same
+    ids: the cut then lies past every token that truncation keeps (only the word the cut splits
+    can change). A text with no such point within PREFIX_CAP_CHARS_PER_TOKEN characters per
+    token is tokenized from that many characters.
+    """
+    def encode(batch: list[str]) -> list[list[int]]:
+        # only the ids: masks are rebuilt per batch from the lengths (PackedTokens)
+        return tokenizer(batch, truncation=True, max_length=max_length, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+
+    cut, cap = PREFIX_CHARS_PER_TOKEN * max_length, PREFIX_CAP_CHARS_PER_TOKEN * max_length
+    ids = encode([t[:cut] for t in texts])
+    pending = [i for i, t in enumerate(texts) if len(t) > cut]
+    while pending:
+        cut *= 2
+        longer = encode([texts[i][:cut] for i in pending])
+        unsettled = []
+        for i, new in zip(pending, longer):
+            settled = len(new) == max_length and new == ids[i]
+            ids[i] = new
+            if not settled and len(texts[i]) > cut and cut < cap:
+                unsettled.append(i)
+        pending = unsettled
+    return ids

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import warnings
@@ -57,11 +60,65 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _temp_prefix(target: Path) -> str:
+    """The name prefix of this process's temporaries for `target`: the writer's pid in the name
+    lets another writer of the same output tell a live writer's temporary from a dead one's."""
+    return f".{target.name}.tmp-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _remove_stale(target: Path) -> None:
-    """Drop the temporaries a killed earlier run left beside `target`. Two writers of one
-    output never run at once (DVC locks the repository), so any such leftover is dead."""
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
-        _remove(leftover)
+    """Drop the temporaries that killed earlier writers left beside `target`. Writers outside DVC
+    (two predict runs to one --output) can run at once, so a temporary whose writer is still
+    running is left alone; one without a pid in its name predates pids in names: dead."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)-")
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        match = pattern.match(leftover.name)
+        if match is None or not _alive(int(match.group(1))):
+            _remove(leftover)
+
+
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path) -> None:
+    """Give what mkstemp/mkdtemp made (mode 600/700) the permissions a plain open()/mkdir()
+    would have: 666/777 less the umask (777 for files with an execute bit). A directory gets it
+    recursively; symlinks are left as they are."""
+    mask = process_umask()
+
+    def fix(p: Path) -> None:
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            return
+        full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111 else 0o666
+        os.chmod(p, full & ~mask)
+
+    fix(path)
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                fix(Path(root) / name)
 
 
 # errno values of a full or read-only disk: turned into one clear line, not a traceback. Some
@@ -77,23 +134,11 @@ def _disk_error(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `target` when the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+def _cleaned_up(target: Path, tmp: Path) -> Iterator[None]:
+    """Around writing `tmp` and renaming it onto `target`: a full or read-only disk becomes one
+    UserError line, and the temporary never outlives the block."""
     try:
-        yield tmp
-        # os.replace cannot swap a non-empty directory: move the old one aside first, so there
-        # is never a moment where `target` holds a mix of old and new files.
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            _remove(old)
+        yield
     except Exception as e:
         if (reason := _disk_error(e)) is not None:
             raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
@@ -104,27 +149,42 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces `target` when the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+    with _cleaned_up(target, tmp):
+        yield tmp
+        _apply_umask(tmp)
+        # os.replace cannot swap a non-empty directory: move the old one aside first, so there
+        # is never a moment where `target` holds a mix of old and new files.
+        old = None
+        if target.exists():
+            old = target.with_name(f"{_temp_prefix(target)}old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            _remove(old)
+
+
+@contextlib.contextmanager
 def atomic_file(target: str | Path, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
     """Open a temporary sibling of `target` for writing; rename it onto `target` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
     os.close(fd)
     tmp = Path(name)
-    try:
+    with _cleaned_up(target, tmp):
         with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _apply_umask(tmp)
         os.replace(tmp, target)
-    except Exception as e:
-        if (reason := _disk_error(e)) is not None:
-            raise UserError(f"{target}: cannot write ({reason}); nothing was written") from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -151,6 +211,24 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# A file named in a sha256 record: one plain name inside its directory (no separators, no `..`).
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256_record(path: Path, key: str, value: Any) -> dict[str, str]:
+    """A sha256 record read from `path` at `key`: a non-empty {plain file name: hex digest}."""
+    if not isinstance(value, dict) or not value:
+        raise UserError(f"{path}: {key}: expected a non-empty mapping of file name to sha256, got {value!r}"[:300])
+    for name, digest in value.items():
+        if not isinstance(name, str) or not PLAIN_FILE_NAME.fullmatch(name):
+            raise UserError(f"{path}: {key}.{name}: expected a plain file name inside the directory "
+                            "(letters, digits, . _ + -; no / or ..)")
+        if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest):
+            raise UserError(f"{path}: {key}.{name}: expected 64 lowercase hex digits, got {digest!r}"[:300])
+    return dict(value)
 
 
 def verify_sha256(directory: Path, expected: dict[str, str], manifest: Path) -> None:

@@ -9,6 +9,7 @@ returns only the keys a stage declared, so a stage that reads an undeclared key 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import typing
 from collections.abc import Iterable, Mapping
@@ -35,6 +36,8 @@ TASK_METRICS = {"classification": ("accuracy", "f1_macro", "f1_weighted", "loss"
 QUANT_TYPES = ("nf4", "fp4", "int8", "none")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 PADDINGS = ("longest", "max_length")
+# Seeds feed numpy/sklearn/torch, which take 0..2**32-1 (numpy's legacy RandomState is the narrowest).
+SEED_RANGE = dict(ge=0, le=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Data:
 @dataclass(frozen=True)
 class Split:
     val_fraction: float = rule(gt=0, lt=1)
-    seed: int = rule()
+    seed: int = rule(**SEED_RANGE)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ class Lora:
 
 @dataclass(frozen=True)
 class Train:
-    seed: int = rule()
+    seed: int = rule(**SEED_RANGE)
     epochs: int = rule(ge=1)
     lr: float = rule(gt=0, lt=1)
     batch_size: int = rule(ge=1)
@@ -127,7 +130,7 @@ class Generate:
     do_sample: bool = rule()
     temperature: float = rule(gt=0)
     top_k: int = rule(ge=0)
-    seed: int = rule()
+    seed: int = rule(**SEED_RANGE)
 
 
 SCHEMA: dict[str, type] = {
@@ -176,6 +179,8 @@ def _check_value(key: str, value: Any, tp: Any, checks: Mapping[str, Any]) -> st
     """Return a problem description for one key, or None when it is valid."""
     if not _check_type(value, tp):
         return f"{key}: expected {_type_name(tp)}, got {value!r}"
+    if tp is float and not math.isfinite(value):  # YAML's .inf and .nan parse as floats
+        return f"{key}: expected a finite float, got {value!r}"
     if checks.get("nonempty") and len(value) == 0:
         return f"{key}: expected a non-empty {_type_name(tp)}, got {value!r}"
     if "choices" in checks and value not in checks["choices"]:
@@ -257,6 +262,25 @@ class Params(Mapping[str, Any]):
         return cls(**self.section(name))
 
 
+def parse_section(source: str | Path, key: str, value: Any, cls: type) -> Any:
+    """A params section recorded elsewhere (an adapter's pipeline.json) as its schema
+    dataclass, every field checked; the first problem is one UserError line."""
+    if not isinstance(value, dict):
+        raise UserError(f"{source}: {key}: expected a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for name in value:
+        if name not in names:
+            raise UserError(f"{source}: {key}.{name}: unknown key (expected one of {', '.join(names)})")
+    for f in dataclasses.fields(cls):
+        if f.name not in value:
+            raise UserError(f"{source}: {key}.{f.name}: missing")
+        problem = _check_value(f"{key}.{f.name}", value[f.name], hints[f.name], f.metadata)
+        if problem:
+            raise UserError(f"{source}: {problem}")
+    return cls(**value)
+
+
 def load_params(path: str | Path, declared: Iterable[str]) -> Params:
     """Read and validate the whole params file; return only the declared keys."""
     path = Path(path)
@@ -271,4 +295,8 @@ def load_params(path: str | Path, declared: Iterable[str]) -> Params:
         raise UserError(f"{path}: params file not found") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a params file") from None
     return Params(validate(raw, str(path)), declared)

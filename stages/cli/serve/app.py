@@ -31,12 +31,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import prometheus_client
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
+from starlette.requests import ClientDisconnect
 
 from stages.cli.serve.batcher import Batcher
 from stages.cli.serve.metrics import Metrics
@@ -59,13 +61,17 @@ class Limits:
     max_text_chars: int = 10_000  # characters per text (tokenization truncates to max_length)
     max_body_bytes: int = 4 << 20  # bytes per request body
     batch_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    body_timeout_s: float = 10.0  # a body not received within this gets 408 (slow clients)
+    max_connections: int = 1000  # open connections and requests at once; beyond: 503 (uvicorn)
 
     def check(self) -> None:
-        for name in ("max_batch_size", "max_texts", "max_text_chars", "max_body_bytes"):
+        for name in ("max_batch_size", "max_texts", "max_text_chars", "max_body_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: expected int >= 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0:
             raise UserError(f"--batch-wait-ms: expected a number >= 0, got {self.batch_wait_ms}")
+        if not self.body_timeout_s > 0:
+            raise UserError(f"--body-timeout-s: expected a number > 0, got {self.body_timeout_s}")
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -124,17 +130,23 @@ def text_problem(texts: list[str], limits: Limits) -> str | None:
     return None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 once past `limit` bytes: up front by Content-Length,
-    and while streaming for chunked bodies that announce no length."""
+    and while streaming for chunked bodies that announce no length; with 408 when it has not all
+    arrived within `timeout_s` (a client trickling bytes would hold its connection forever).
+    A client that goes away meanwhile raises starlette's ClientDisconnect."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request body is {declared} bytes; at most {limit}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"request body exceeds {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPException(413, f"request body exceeds {limit} bytes")
+    except TimeoutError:
+        raise HTTPException(408, f"request body not received within {timeout_s:g} s") from None
     return bytes(body)
 
 
@@ -169,7 +181,8 @@ def create_app(classifiers: Mapping[str, Classifier], limits: Limits = Limits())
         start, adapter = time.perf_counter(), ""
         try:
             try:
-                body = ClassifyRequest.model_validate_json(await read_body(request, limits.max_body_bytes))
+                body = ClassifyRequest.model_validate_json(
+                    await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
             except ValidationError as e:
                 raise HTTPException(422, request_error(e)) from None
             if body.adapter not in classifiers:
@@ -182,6 +195,9 @@ def create_app(classifiers: Mapping[str, Classifier], limits: Limits = Limits())
         except HTTPException as e:
             metrics.observe_request(adapter, e.status_code)
             raise
+        except ClientDisconnect:  # nobody to answer: no traceback, no 500
+            metrics.client_disconnects.inc()
+            return Response(status_code=499)  # nginx's "client closed request"; never sent
         except Exception:
             metrics.observe_request(adapter, 500)
             raise
@@ -206,6 +222,14 @@ def create_app(classifiers: Mapping[str, Classifier], limits: Limits = Limits())
     return app
 
 
+def server_config(app: FastAPI, limits: Limits, host: str, port: int, **kwargs: Any):
+    """The uvicorn configuration of a server: the connection bound from `limits`."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, limit_concurrency=limits.max_connections,
+                          **{"log_level": "info", **kwargs})
+
+
 def main(argv: list[str] | None = None) -> int:
     defaults = Limits()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="bytes per request body")
     parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
                         help="how long a request waits for others to share its forward pass")
+    parser.add_argument("--body-timeout-s", type=float, default=defaults.body_timeout_s,
+                        help="seconds a request body may take to arrive (then 408)")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="connections and requests open at once (beyond: 503)")
     args = parser.parse_args(argv)
 
     return run_main(functools.partial(serve, args))
@@ -229,14 +257,14 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     limits = Limits(args.max_batch_size, args.max_texts, args.max_text_chars, args.max_body_bytes,
-                    args.batch_wait_ms)
+                    args.batch_wait_ms, args.body_timeout_s, args.max_connections)
     limits.check()
     adapters = parse_adapter_specs(args.adapter)
     base_dir = require_dir(args.base, "base model") if args.base else None
     classifiers = load_adapters(adapters, base_dir)
     log.info("serve: %d adapter(s) on %s, http://%s:%d", len(classifiers),
              device_name(next(iter(classifiers.values())).device), args.host, args.port)
-    uvicorn.run(create_app(classifiers, limits), host=args.host, port=args.port, log_level="info")
+    uvicorn.Server(server_config(create_app(classifiers, limits), limits, args.host, args.port)).run()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The server's Prometheus metrics (prometheus-client): requests by adapter and status, texts,
-forward passes, texts per forward pass, requests per model call, and request latency."""
+"""The server's Prometheus metrics (prometheus-client): requests by adapter and status, clients
+that went away, texts, forward passes, texts per forward pass, requests per model call, and
+request latency."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class Metrics:
         self.requests = Counter("qlora_serve_requests", "Classify requests by adapter and HTTP status "
                                 "(adapter is empty when the request named no loaded adapter).",
                                 ["adapter", "status"], registry=self.registry)
+        self.client_disconnects = Counter("qlora_serve_client_disconnects", "Classify requests whose client "
+                                          "disconnected before its body was read (no answer sent; not "
+                                          "counted in requests).", registry=self.registry)
         self.texts = Counter("qlora_serve_texts", "Texts classified.", ["adapter"], registry=self.registry)
         self.batches = Counter("qlora_serve_batches", "Forward passes run.", ["adapter"], registry=self.registry)
         self.batch_texts = Histogram("qlora_serve_batch_size_texts", "Texts per forward pass.", ["adapter"],
