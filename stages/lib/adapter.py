@@ -1,14 +1,10 @@
-"""The adapter: its metadata (pipeline.json, one typed schema), and rebuilding trained models
-from adapter directories, one (load_adapter, load_language_model) or several sharing one base
-(load_adapters, for serving).
+"""The adapter: its metadata (pipeline.json, AdapterMeta, validated whole on load) and
+rebuilding trained models from adapter directories, one (load_adapter, load_language_model) or
+several sharing one base (load_adapters, for serving).
 
-An adapter directory (models/adapter, models/export) holds the PEFT `save_pretrained` output
-(safetensors only), the tokenizer, and pipeline.json: the task, label names, max_length and
-padding it was trained with, its quantization, LoRA and train settings, where its base model
-came from, and the sha256 of its weights. That file is what lets evaluate, export, predict and
-serve rebuild exactly the model that train trained. `AdapterMeta.load` rejects any field of the
-wrong type, out of range or outside its choices, and any file name that is not a plain name
-inside the directory, with one line naming the file and key (docs/failure-handling.md).
+An adapter directory (models/adapter, models/export) holds PEFT's safetensors output, the
+tokenizer and pipeline.json: what the adapter was trained with and on, and every file's sha256,
+so that evaluate, export, predict and serve rebuild exactly the model train trained.
 """
 
 from __future__ import annotations
