@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages.lib.chat import find_instruction_file
+from stages.lib.chat import CHAT_LAYOUT, SUFFIXES as CHAT_SUFFIXES
 from stages.lib.io import atomic_dir, run_main, sha256_file, write_json
 from stages.lib.sources import SOURCE_FILE, copy_model_files, resolve_model_source
 from stages.lib.tables import CORPUS_NAMES, find_corpus, find_table
@@ -37,7 +37,7 @@ def fetch_dataset(source: str, out_dir: Path, task: str = "classification") -> d
         if task == "classification":
             sources = [find_table(path, split) for split in SPLITS]
         elif task == "sft":  # chat or instruction rows: validated by split
-            sources = [find_instruction_file(path, split) for split in SPLITS]
+            sources = [find_table(path, split, CHAT_SUFFIXES, CHAT_LAYOUT) for split in SPLITS]
         else:
             sources = list(find_corpus(path).values())
         files = {}

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from stages.lib.chat import conversation_lines, find_instruction_file, read_conversations
+from stages.lib.chat import CHAT_LAYOUT, SUFFIXES as CHAT_SUFFIXES, conversation_lines, read_conversations
 from stages.lib.io import atomic_dir, require_dir, run_main, write_json
 from stages.lib.params import UserError, load_params
 from stages.lib.tables import find_corpus, find_table, load_labelled, read_lines, read_table, split_corpus
@@ -62,8 +62,8 @@ def split_text(raw, val_fraction: float, out: str) -> None:
 
 def split_chats(raw, val_fraction: float, seed: int, out: str) -> None:
     """Validated conversations of train (cut into train/validation, seeded) and test, as chat JSON Lines."""
-    train_all = read_conversations(find_instruction_file(raw, "train"))[1]
-    test = read_conversations(find_instruction_file(raw, "test"))[1]
+    train_all = read_conversations(find_table(raw, "train", CHAT_SUFFIXES, CHAT_LAYOUT))[1]
+    test = read_conversations(find_table(raw, "test", CHAT_SUFFIXES, CHAT_LAYOUT))[1]
     n_val = round(len(train_all) * val_fraction)
     if n_val < 1 or n_val >= len(train_all):
         raise UserError(f"split.val_fraction: {val_fraction} of {len(train_all)} train rows leaves an empty "

@@ -31,6 +31,7 @@ from stages.lib.params import UserError
 ROLES = ("system", "user", "assistant")
 FORMATS = ("chat", "instruction")
 SUFFIXES = (".jsonl", ".json", ".parquet")
+CHAT_LAYOUT = ", in chat or instruction format"  # for tables.find_table's error line
 INPUT_SEPARATOR = "\n\n"  # between an Alpaca instruction and its input
 
 Message = dict[str, str]
@@ -191,16 +192,6 @@ def prompt_and_answer(conversation: Conversation) -> tuple[Conversation, str]:
     (the reference answer)."""
     last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
     return conversation[:last], conversation[last]["content"]
-
-
-def find_instruction_file(directory: Path, stem: str) -> Path:
-    """The one file `<stem>.jsonl|.json|.parquet` of instruction data in a directory."""
-    found = [directory / f"{stem}{s}" for s in SUFFIXES if (directory / f"{stem}{s}").is_file()]
-    if len(found) != 1:
-        what = "no" if not found else "more than one"
-        raise UserError(f"{directory}: {what} {stem} file (expected exactly one of "
-                        f"{', '.join(stem + s for s in SUFFIXES)}, in chat or instruction format)")
-    return found[0]
 
 
 def conversation_lines(conversations: Sequence[Conversation]) -> str:

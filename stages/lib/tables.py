@@ -22,13 +22,15 @@ CORPUS_SUFFIXES = (".txt", ".txt.gz")
 CORPUS_NAMES = {"train": ("train",), "validation": ("validation", "valid"), "test": ("test",)}
 
 
-def find_table(directory: Path, stem: str) -> Path:
-    """The one file `<stem>.csv|.jsonl|.parquet` in a directory."""
-    found = [directory / f"{stem}{s}" for s in TABLE_SUFFIXES if (directory / f"{stem}{s}").is_file()]
+def find_table(directory: Path, stem: str, suffixes: tuple[str, ...] = TABLE_SUFFIXES,
+               layout: str = "") -> Path:
+    """The one file `<stem><suffix>` in a directory, for one of `suffixes`; `layout` says what
+    its rows must hold, for the error line."""
+    found = [directory / f"{stem}{s}" for s in suffixes if (directory / f"{stem}{s}").is_file()]
     if len(found) != 1:
         what = "no" if not found else "more than one"
         raise UserError(f"{directory}: {what} {stem} file (expected exactly one of "
-                        f"{', '.join(stem + s for s in TABLE_SUFFIXES)})")
+                        f"{', '.join(stem + s for s in suffixes)}{layout})")
     return found[0]
 
 
