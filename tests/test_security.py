@@ -174,7 +174,7 @@ FIELD_ERRORS = [
     ("labels-not-strings", lambda m: m.update(labels=[1, 2]), "labels: expected a list of non-empty strings, got [1, 2]"),
     ("unknown-quant", lambda m: m["quant"].update(type="nf3"), "quant.type: expected one of nf4, fp4, int8, none, got 'nf3'"),
     ("unknown-task", lambda m: m["task"].update(type="regression"),
-     "task.type: expected one of classification, masked-lm, causal-lm, got 'regression'"),
+     "task.type: expected one of classification, masked-lm, causal-lm, sft, got 'regression'"),
     ("unknown-base-kind", lambda m: m["base"].update(kind="url"), "base.kind: expected one of package, local, hub, random-init, got 'url'"),
     ("bad-digest", lambda m: m["sha256"].update({"adapter_model.safetensors": "zz"}),
      "sha256.adapter_model.safetensors: expected 64 lowercase hex digits, got 'zz'"),
