@@ -7,6 +7,7 @@ The adapters are the session pipeline's export and a second one trained with oth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -31,6 +32,22 @@ LIMITS = Limits(max_batch_size=8, max_texts=16, max_text_chars=400, max_body_byt
 # Test texts of varied length; several run past tokenize.max_length (16), so truncation counts.
 TEXTS = pd.read_csv(ROOT / "data" / "ag_news" / "test.csv")["text"].str.slice(0, 300).head(12).tolist()
 
+
+
+@contextlib.contextmanager
+def serving(server, sock: socket.socket) -> Iterator[int]:
+    """Run a uvicorn server on `sock` in a thread; yield its port once it has started."""
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 @pytest.fixture(scope="module")
 def second_adapter(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory,
@@ -69,15 +86,8 @@ def url(adapters: dict[str, Path]) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(server, sock) as port:
+        yield f"http://127.0.0.1:{port}"
     sock.close()
 
 
@@ -270,15 +280,8 @@ def strict_server(adapters: dict[str, Path], caplog: pytest.LogCaptureFixture) -
     server = uvicorn.Server(server_config(app, STRICT, "127.0.0.1", 0, log_level="info"))
     errors = logging.getLogger("uvicorn.error")  # where uvicorn logs an application's traceback
     errors.addHandler(caplog.handler)  # after uvicorn configured its logging
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield "127.0.0.1", sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(server, sock) as port:
+        yield "127.0.0.1", port
     sock.close()
     errors.removeHandler(caplog.handler)
 
