@@ -23,9 +23,9 @@ OURS: the pipeline's loading (4-bit base, no 16-bit copy: quant.cache_dequantize
 gradient-checkpointing set-up, a written-out loop with the chunked cross-entropy of
 stages/lib/losses.py, and the same optimizer, lr, clipping and LoRA init (same seed). Variants
 (--ours-variants, comma separated): `<batch>x<accumulation>` plus `+ckpt` (gradient checkpointing
-per decoder layer), `+compile` (torch.compile of each decoder layer), `+offload` (checkpointing
-whose saved layer inputs wait in pinned host memory, stages/lib/offload.py; not with +compile),
-`+fused` (base matmul and LoRA as one autograd function, stages/lib/fused_lora.py). Every variant sees the same blocks per optimizer step
+per decoder layer; `+ckpt4`: every 4th layer only, quantized.checkpoint_every), `+compile`
+(torch.compile of each decoder layer), `+offload` (checkpointing whose saved layer inputs wait in
+pinned host memory, stages/lib/offload.py; `+offload4` likewise every 4th layer), `+fused` (base matmul and LoRA as one autograd function, stages/lib/fused_lora.py). Every variant sees the same blocks per optimizer step
 (batch x accumulation must equal the standard recipe's), so its losses compare step by step.
 
 Figures per recipe: steady-state tokens/s (steps after --warmup-steps; load and warm-up time are
@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages.lib.params import Lora, Quant  # noqa: E402
-from stages.lib.quantized import attach_lora, compute_setup, load_base, prepare_for_training  # noqa: E402
+from stages.lib.quantized import (attach_lora, checkpoint_every, compute_setup, load_base,  # noqa: E402
+                                  prepare_for_training)
 from stages.lib.losses import chunked_causal_lm_loss  # noqa: E402
 from stages.lib.fused_lora import fuse_lora_4bit  # noqa: E402
 from stages.lib.offload import enable_offloaded_checkpointing  # noqa: E402
@@ -125,11 +126,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(config, block: int, checkpointing: bool) -> dict[str, Any]:
+def flops_per_token(config, block: int, recompute: float) -> dict[str, Any]:
     """Model FLOPs of one trained token of a QLoRA step (frozen base, LoRA trained).
 
     Decoder-layer matmuls: forward 2N, backward input gradients 2N (the frozen base needs no
-    weight gradients), recomputation with checkpointing another 2N. Output layer: forward and
+    weight gradients), recomputation with checkpointing another 2N for the share `recompute` of
+    the layers that are checkpointed (0 to 1). Output layer: forward and
     input gradient, 4·N_head (never recomputed). Causal attention scores and values: 2·2·d·S/2
     per layer forward (S the block length, half the pairs under the causal mask), backward twice
     that, plus the recomputation. LoRA's own matmuls (about 1% at r32) are not counted.
@@ -138,13 +140,12 @@ def flops_per_token(config, block: int, checkpointing: bool) -> dict[str, Any]:
     layer_params = sum(m.weight.numel() for n, m in model.named_modules()
                        if isinstance(m, torch.nn.Linear) and ".layers." in n)
     head_params = model.get_output_embeddings().weight.numel()
-    recompute = 1 if checkpointing else 0
     d, layers = config.hidden_size, config.num_hidden_layers
     attention = 2 * d * block * layers  # forward, causal
     total = 2 * layer_params * (2 + recompute) + 4 * head_params + attention * (3 + recompute)
     return {"per_token": total, "decoder_linear_params": layer_params, "head_params": head_params,
             "formula": "2*N_layers*(2+recompute) + 4*N_head + 2*d*S*L*(3+recompute); LoRA matmuls not counted",
-            "recompute": bool(recompute)}
+            "recompute": round(recompute, 4)}
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def run_standard(model_dir: Path, data: list[torch.Tensor], args: argparse.Names
         trainer.accelerator.free_memory()
         del trainer
     out = summarise(record["seconds"], record["losses"], batch * accumulation * len(data[0]), args.warmup_steps,
-                    flops_per_token(config, len(data[0]), True), device)
+                    flops_per_token(config, len(data[0]), 1.0), device)
     out.update(load_s=round(load_s, 2), trainer_num_items=record["num_items"][:3],
                settings={"batch": batch, "accumulation": accumulation, "block": len(data[0]),
                          "optimizer": args.optimizer, "lr": args.lr, "kbit_prep": kbit_prep,
@@ -284,13 +285,26 @@ def run_standard(model_dir: Path, data: list[torch.Tensor], args: argparse.Names
 def parse_variant(spec: str) -> dict[str, Any]:
     head, *flags = spec.split("+")
     batch, _, accumulation = head.partition("x")
+    # ckptN / offloadN: checkpoint every N-th decoder layer only (quantized.checkpoint_every)
+    every = 1
+    for i, flag in enumerate(flags):
+        for word in ("ckpt", "offload"):
+            if flag.startswith(word) and flag[len(word):].isdigit() and int(flag[len(word):]) >= 1:
+                every, flags[i] = int(flag[len(word):]), word
     unknown = set(flags) - {"ckpt", "compile", "offload", "fused"}
-    if unknown or not batch.isdigit() or not accumulation.isdigit() or {"compile", "offload"} <= set(flags):
-        raise SystemExit(f"error: variant {spec!r}: expected <batch>x<accumulation>[+ckpt][+compile|+offload][+fused]")
+    if unknown or not batch.isdigit() or not accumulation.isdigit():
+        raise SystemExit(f"error: variant {spec!r}: expected "
+                         "<batch>x<accumulation>[+ckpt[N]|+offload[N]][+compile][+fused]")
     # +offload is checkpointing whose saved layer inputs wait in host memory
+    checkpointing = "ckpt" in flags or "offload" in flags
     return {"name": spec, "batch": int(batch), "accumulation": int(accumulation),
-            "checkpointing": "ckpt" in flags or "offload" in flags,
+            "checkpointing": checkpointing, "checkpoint_every": every if checkpointing else None,
             "compile": "compile" in flags, "offload": "offload" in flags, "fused": "fused" in flags}
+
+
+def recomputed_share(variant: dict[str, Any], config) -> float:
+    """The share of decoder layers the backward pass recomputes (load_ours counts them)."""
+    return variant.get("checkpointed_layers", 0) / config.num_hidden_layers
 
 
 def load_ours(model_dir: Path | None, device: torch.device, dtype: torch.dtype, variant: dict[str, Any],
@@ -309,6 +323,8 @@ def load_ours(model_dir: Path | None, device: torch.device, dtype: torch.dtype, 
     model.train()
     if variant["offload"]:
         enable_offloaded_checkpointing(model)
+    if variant["checkpointing"]:
+        variant["checkpointed_layers"] = checkpoint_every(model, variant["checkpoint_every"])
     if variant["fused"]:
         fuse_lora_4bit(model)
     if variant["compile"]:
@@ -318,10 +334,23 @@ def load_ours(model_dir: Path | None, device: torch.device, dtype: torch.dtype, 
     return model
 
 
+def kernel_profile(prof, rows: int = 25) -> dict[str, Any]:
+    """The profiled step's GPU time by operator (self time, largest first), as table lines."""
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:rows]
+    return {"gpu_ms": round(total / 1e3, 2),
+            "by_operator": [f"{getattr(e, attr) / 1e3:9.2f} ms {100 * getattr(e, attr) / max(total, 1):5.1f}% "
+                            f"x{e.count:<6d} {e.key[:110]}" for e in top]}
+
+
 def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: int, args: argparse.Namespace,
-               device: torch.device, dtype: torch.dtype, label: str, deadline: float) -> tuple[list[float], list[float]]:
+               device: torch.device, dtype: torch.dtype, label: str, deadline: float,
+               profile: dict[str, Any] | None = None) -> tuple[list[float], list[float]]:
     """The written-out loop: micro-batches, chunked loss over the step's predicted tokens,
-    clipping, optimizer step. Returns per-step seconds and losses."""
+    clipping, optimizer step. Returns per-step seconds and losses. With `profile` (a dict to
+    fill), the last step runs under torch.profiler and its kernel table goes there."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, trainable, lr=args.lr, weight_decay=0.0)
     per_step = variant["batch"] * variant["accumulation"]
@@ -331,6 +360,10 @@ def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: 
     sync(device)
     last = time.perf_counter()
     for step in range(steps):
+        profiler = None
+        if profile is not None and step == steps - 1 and device.type == "cuda":
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
         step_blocks = data[step * per_step:(step + 1) * per_step]
         num_items = predicted_tokens(step_blocks)
         total = torch.zeros((), device=device)
@@ -344,6 +377,9 @@ def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            profile.update(kernel_profile(profiler), step=step + 1)
         now = time.perf_counter()
         seconds.append(now - last)
         last = now
@@ -362,13 +398,17 @@ def run_ours(model_dir: Path, data: list[torch.Tensor], variant: dict[str, Any],
     model = load_ours(model_dir, device, dtype, variant)
     sync(device)
     load_s = time.perf_counter() - t0
-    seconds, losses = train_ours(model, data, variant, steps, args, device, dtype, f"ours[{variant['name']}]", deadline)
+    profile: dict[str, Any] | None = {} if args.profile else None
+    seconds, losses = train_ours(model, data, variant, steps, args, device, dtype, f"ours[{variant['name']}]",
+                                 deadline, profile)
     block = len(data[0])
     out = summarise(seconds, losses, variant["batch"] * variant["accumulation"] * block, args.warmup_steps,
-                    flops_per_token(config, block, variant["checkpointing"]), device)
+                    flops_per_token(config, block, recomputed_share(variant, config)), device)
     out.update(load_s=round(load_s, 2), settings={**variant, "block": block, "optimizer": args.optimizer,
                                                   "lr": args.lr, "ce_chunk_tokens": args.ce_chunk,
                                                   "dtype": str(dtype), "cache_dequantized": False})
+    if profile:
+        out["profile_last_step"] = profile  # its own step time includes the profiler's overhead
     del model
     return out
 
@@ -446,7 +486,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="standard recipe: blocks per micro-batch")
     p.add_argument("--accumulation", type=int, default=4, help="standard recipe: micro-batches per step")
     p.add_argument("--ours-variants", default="2x4+ckpt,8x1+ckpt+compile",
-                   help="comma list of <batch>x<accumulation>[+ckpt][+compile|+offload][+fused]")
+                   help="comma list of <batch>x<accumulation>[+ckpt[N]|+offload[N]][+compile][+fused]; "
+                        "N: checkpoint every N-th decoder layer only")
     p.add_argument("--optimizer", default="paged_adamw_8bit")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ce-chunk", type=int, default=2048, help="tokens per chunk of the chunked cross-entropy")
@@ -460,6 +501,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--llama70b-block", type=int, default=8192)
     p.add_argument("--llama70b-steps", type=int, default=3)
     p.add_argument("--llama70b-variant", default="1x1+ckpt")
+    p.add_argument("--profile", action="store_true",
+                   help="profile each ours variant's last step (GPU): kernel time by operator into the JSON")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; when spent, training loops stop early and later sections are skipped (0: none)")
     p.add_argument("--smoke", action="store_true",
@@ -602,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "llama70b", deadline)
             del model
             out = summarise(seconds, losses, per * args.llama70b_block, min(1, len(seconds) - 1),
-                            flops_per_token(big, args.llama70b_block, variant["checkpointing"]), device)
+                            flops_per_token(big, args.llama70b_block, recomputed_share(variant, big)), device)
             out.update(config=str(args.llama70b_config.name), build_s=round(build_s, 2),
                        peak_gib_after_build=built_gib, settings={**variant, "block": args.llama70b_block},
                        parameters=sum(p.numel() for p in meta_model(big).parameters()),

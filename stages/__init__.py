@@ -1,8 +1,13 @@
 """qlora-pipeline stages: one module per DVC stage, run as `python -m stages.<name>`."""
 
 import logging
+import time
 
-from stages.lib import reproducible
+# The stage process's start, before torch and transformers are imported: timing.json's
+# first_step_s counts from here (lib.throughput).
+STARTED = time.perf_counter()
+
+from stages.lib import reproducible  # noqa: E402
 
 # Before any stage module imports torch: the kernel choices that make CPU training give the same
 # bits on every x86-64 CPU (docs/reproducibility.md).

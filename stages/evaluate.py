@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from dvclive import Live
 
+from stages import STARTED
 from stages.lib.adapter import LanguageModel, load_adapter, load_language_model, read_adapter_meta
 from stages.lib.answers import generate_answers, score_answers
 from stages.lib.compiling import EVAL_COMPILE_S, EVAL_SAVED_S, decide_compile
@@ -58,9 +59,10 @@ def should_compile(p, sequences: list[list[int]], base: str) -> bool:
 
 
 def timing(throughput: Throughput, elapsed: float, with_tokens: bool) -> dict[str, float | None]:
-    """timing.json: the scoring loop's seconds, warm-up (load, compile, first batches) and the
-    steady-state rate after it."""
-    return {"eval_time_s": round(elapsed, 2), **throughput.report(with_tokens)}
+    """timing.json: the scoring loop's seconds, warm-up (load, compile, first batches), the
+    steady-state rate after it, and the seconds from the process's start to the first batch."""
+    return {"eval_time_s": round(elapsed, 2), **throughput.report(with_tokens),
+            "first_batch_s": throughput.first_unit_s(STARTED)}
 
 
 def answer_test_prompts(lm: LanguageModel, targets: ChatTargets, p) -> tuple[float, dict]:

@@ -51,7 +51,7 @@ PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes",
           "train.gradient_accumulation_steps", "train.optimizer")
 # the loop's speed figures: timing.json, not metrics.json (lib.throughput)
-TIMING_KEYS = ("train_time_s", "warmup_s", "samples_per_s", "tokens_per_s")
+TIMING_KEYS = ("train_time_s", "warmup_s", "samples_per_s", "tokens_per_s", "first_step_s")
 log = logging.getLogger("qlora")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from helpers import ROOT, compose
 from stages.lib.params import validate
 
-PRESET = {"train.compile": "auto", "quant.cache_dequantized": True, "evaluate.merged": True,
+PRESET = {"train.compile": "auto", "quant.cache_dequantized": True, "evaluate.merged": False,
           "evaluate.compile": "auto", "evaluate.batch_size": 512}
 
 
@@ -16,7 +16,7 @@ def test_gpu_preset_sets_exactly_its_keys_on_the_default_recipe() -> None:
     assert validate(gpu) == {**validate(default), **PRESET}
     # what it changes from the shipped defaults (compile is auto in both)
     assert {k for k, v in PRESET.items() if validate(default)[k] != v} == {
-        "quant.cache_dequantized", "evaluate.merged", "evaluate.batch_size"}
+        "quant.cache_dequantized", "evaluate.batch_size"}
 
 
 def test_gpu_preset_keeps_a_recipes_own_batch_and_lr() -> None:
@@ -28,4 +28,4 @@ def test_gpu_preset_keeps_a_recipes_own_batch_and_lr() -> None:
 def test_keys_given_after_the_preset_win() -> None:
     params = compose(["+preset=gpu", "evaluate.batch_size=2048", "quant.cache_dequantized=false"])
     assert params["evaluate"]["batch_size"] == 2048 and params["quant"]["cache_dequantized"] is False
-    assert params["evaluate"]["merged"] is True
+    assert params["evaluate"]["merged"] is False

@@ -50,7 +50,8 @@ def test_each_epoch_reports_the_mean_of_its_own_steps(pipeline: Pipeline, tmp_pa
         assert loss == pytest.approx(want, abs=1e-4)
 
     timing = read_json(every_ten.metrics / "train" / "timing.json")
-    assert set(timing) == {"train_time_s", "warmup_s", "samples_per_s", "peak_memory_mb"}  # no tokens: classifier
+    assert set(timing) == {"train_time_s", "warmup_s", "samples_per_s", "first_step_s", "peak_memory_mb"}  # no tokens: classifier
+    assert 0 < timing["first_step_s"] < 600
     assert timing["warmup_s"] > 0 and timing["samples_per_s"] > 0
 
 
@@ -209,6 +210,7 @@ def test_evaluate_reports_warm_up_and_does_not_compile_with_auto_on_the_cpu(
     err = capsys.readouterr().err
     assert "evaluate.compile: auto: not compiling on the cpu (torch.compile pays on GPUs only)" in err
     timing = read_json(run.metrics / "evaluate" / "timing.json")
-    assert set(timing) == {"eval_time_s", "warmup_s", "samples_per_s"}
+    assert set(timing) == {"eval_time_s", "warmup_s", "samples_per_s", "first_batch_s"}
+    assert 0 < timing["first_batch_s"] < 600
     assert timing["warmup_s"] > 0 and timing["samples_per_s"] > 0
     assert re.search(r"evaluate: 24 test rows, .*; warm-up \d+\.\d s, then [\d,.]+ samples/s", err)

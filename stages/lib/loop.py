@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from stages import STARTED
 from stages.lib.batches import length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
 from stages.lib.compiling import (TRAIN_COMPILE_S, TRAIN_SAVED_S, CompileDecision, decide_compile,
@@ -306,4 +307,5 @@ class TrainingLoop:
         return {"train_loss": progress.epoch_losses[-1] if progress.epoch_losses else float("nan"),
                 **{f"best_val_{name}": value for name, value in best.items() if name != "step"},
                 "best_step": best["step"], "steps": progress.step, "train_samples": progress.seen,
-                "train_time_s": round(train_time, 2), **speed}
+                "train_time_s": round(train_time, 2), **speed,
+                "first_step_s": self.throughput.first_unit_s(STARTED)}

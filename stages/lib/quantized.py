@@ -217,6 +217,22 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool | 
     return model
 
 
+def checkpoint_every(model: torch.nn.Module, every: int) -> int:
+    """Keep gradient checkpointing (plain or offloaded) on every `every`-th decoder layer only;
+    the others keep their activations. Peak memory then holds the full activations of
+    (layers - layers/every) layers, and the backward pass recomputes only layers/every of them:
+    a setting between all-checkpointed (least memory) and none (fastest). Returns how many
+    layers stay checkpointed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    kept = 0
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and index % every == 0
+        kept += layer.gradient_checkpointing
+    return kept
+
+
 def compile_for_training(model: torch.nn.Module, task: str) -> torch.nn.Module:
     """torch.compile for train.compile. A decoder (causal-lm) compiles each decoder layer in
     place: one small graph reused by every layer, compiled in seconds however deep the model,

@@ -8,6 +8,9 @@ time once (the device synchronized there, and only there): `warmup_s` is the wal
 stage's start to then, and `samples_per_s` (`tokens_per_s`) covers what ran after it, less any
 paused time (train's validation and checkpoints).
 
+`first_step_s` is how long the stage process took to finish its first unit of work, counted from
+its start (stages.STARTED, before the heavy imports): what a user waits before training starts.
+
 A run that ends within its warm-up has no steady-state figure: `samples_per_s` is None (null
 in timing.json), never a rate that mixes in the compile.
 """
@@ -53,6 +56,7 @@ class Throughput:
         self.samples = int(earlier.get("samples", 0))  # after warm-up
         self.tokens = int(earlier.get("tokens", 0))
         self.warm_at: float | None = None
+        self.first_at: float | None = None  # the first unit's end (device synchronized)
         self.paused_s = 0.0  # since warm_at
 
     @property
@@ -62,6 +66,9 @@ class Throughput:
     def done(self, samples: int, tokens: int = 0) -> None:
         """One unit of work queued: its samples and tokens count if it came after warm-up."""
         self.units += 1
+        if self.units == 1:
+            synchronize(self.device)
+            self.first_at = time.perf_counter()
         if self.warm:
             self.steady_units += 1
             self.samples += samples
@@ -69,6 +76,10 @@ class Throughput:
         elif self.units >= self.warmup:
             synchronize(self.device)
             self.warm_at = time.perf_counter()
+
+    def first_unit_s(self, process_started: float) -> float | None:
+        """Seconds from the process's start to the end of this run's first unit of work."""
+        return None if self.first_at is None else round(self.first_at - process_started, 2)
 
     def pause(self, seconds: float) -> None:
         """Time spent on something else (validation, a checkpoint): not steady-state time."""
@@ -100,10 +111,14 @@ class Throughput:
 
 
 def describe(report: Mapping[str, Any]) -> str:
-    """For a log line: `warm-up 12.3 s, then 4,401.2 samples/s` (and tokens/s)."""
+    """For a log line: `warm-up 12.3 s, then 4,401.2 samples/s` (and tokens/s), and when
+    the first step (batch) ended, counted from the process's start."""
+    first = next((report[k] for k in ("first_step_s", "first_batch_s") if report.get(k) is not None), None)
+    started = f"first {'step' if 'first_step_s' in report else 'batch'} done {first:.1f} s after the process started; " \
+        if first is not None else ""
     if report["samples_per_s"] is None:
-        return f"warm-up {report['warmup_s']:.1f} s, no steps after it for a steady-state rate"
+        return f"{started}warm-up {report['warmup_s']:.1f} s, no steps after it for a steady-state rate"
     rate = f"{report['samples_per_s']:,.1f} samples/s"
     if report.get("tokens_per_s") is not None:
         rate += f", {report['tokens_per_s']:,.0f} tokens/s"
-    return f"warm-up {report['warmup_s']:.1f} s, then {rate}"
+    return f"{started}warm-up {report['warmup_s']:.1f} s, then {rate}"
