@@ -1,9 +1,10 @@
 """evaluate: score the trained adapter on the test split.
 
 Reads  data/tokenized (test split), models/base, models/adapter, params evaluate.batch_size,
-       evaluate.merged, evaluate.compile, generate.* (causal-lm). The base is loaded with the
-       task and quantization the adapter was trained under (pipeline.json); `merged` dequantizes
-       it once and merges LoRA in.
+       evaluate.merged, evaluate.compile, evaluate.device, generate.* (causal-lm). The base is
+       loaded with the task and quantization the adapter was trained under (pipeline.json);
+       `merged` dequantizes it once and merges LoRA in. evaluate.device `auto` claims a free GPU
+       (lib.devices).
 Writes <metrics-out>/ (DVCLive): metrics.json and timing.json (the one part that differs between
        identical runs: warm-up seconds, then steady-state samples/s, and tokens/s for language
        models: lib.throughput). Classification: accuracy, macro- and weighted F1,
@@ -32,6 +33,7 @@ from stages import STARTED
 from stages.lib.adapter import LanguageModel, load_adapter, load_language_model, read_adapter_meta
 from stages.lib.answers import generate_answers, score_answers
 from stages.lib.compiling import EVAL_COMPILE_S, EVAL_SAVED_S, decide_compile
+from stages.lib.devices import select_device
 from stages.lib.io import TIMING_FILE, atomic_dir, run_main, write_json
 from stages.lib.params import load_params
 from stages.lib.quantized import autocast, memory_hint
@@ -40,7 +42,7 @@ from stages.lib.tasks import Objective, format_scores, label_scores, per_class_s
 from stages.lib.throughput import EVAL_WARMUP_BATCHES, Throughput, describe
 from stages.lib.tokenized import ChatTargets, load_tokenized
 
-PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile", "generate.prompts",
+PARAMS = ("evaluate.batch_size", "evaluate.merged", "evaluate.compile", "evaluate.device", "generate.prompts",
           "generate.max_new_tokens", "generate.do_sample", "generate.temperature", "generate.top_k",
           "generate.seed")
 SAMPLES_FILE = "samples.json"
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()  # warm-up counts from here: loading, compiling, first batches
         p = load_params(args.params, PARAMS)
         data, _ = load_tokenized(Path(args.data))
+        select_device("evaluate.device", p["evaluate.device"])  # before anything touches CUDA
         if read_adapter_meta(Path(args.adapter)).task_type != "classification":
             evaluate_language_model(p, *data["test"], args, started)
             return

@@ -9,7 +9,9 @@ Writes <adapter-out>/ (PEFT adapter in safetensors with the fully trained module
 The best checkpoint is the one with the best validation task.metric (accuracy, F1, loss or
 perplexity; see lib.tasks), evaluated every epoch (and every train.eval_every_steps steps when
 that is > 0). Every train.checkpoint_every_steps steps the loop's state goes to
-<checkpoint-dir>; a rerun after a kill resumes from it. The loop itself is lib.loop.
+<checkpoint-dir>; a rerun after a kill resumes from it. The loop itself is lib.loop. Before
+anything touches CUDA, train.device picks the device: `auto` claims train.processes free GPUs
+(lib.devices), so parallel queued experiments each get their own.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from stages.lib.adapter import AdapterMeta, save_adapter
 from stages.lib.checkpoint import Checkpoint, fingerprint
+from stages.lib.devices import select_device
 from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch
 from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.loop import NullLive, TrainingLoop
@@ -49,7 +52,7 @@ PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
           "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes",
-          "train.gradient_accumulation_steps", "train.optimizer")
+          "train.device", "train.gradient_accumulation_steps", "train.optimizer")
 # the loop's speed figures: timing.json, not metrics.json (lib.throughput)
 TIMING_KEYS = ("train_time_s", "warmup_s", "samples_per_s", "tokens_per_s", "first_step_s")
 log = logging.getLogger("qlora")
@@ -115,6 +118,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                         "(run the pipeline with dvc repro)")
     nodes = Nodes.from_env()  # PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT: docs/multi-node.md
     nodes.check_split(args.params, cfg.batch_size, cfg.processes, cfg.gradient_accumulation_steps)
+    if WORKER_ENV not in os.environ:  # before CUDA starts; the workers inherit CUDA_VISIBLE_DEVICES
+        select_device("train.device", cfg.device, cfg.processes)
     if cfg.processes * nodes.count > 1 and WORKER_ENV not in os.environ:
         return launch("stages.train", sys.argv[1:] if argv is None else argv, cfg.processes, nodes)
     processes = Processes()

@@ -28,7 +28,7 @@ FP32_NF4 = Quant(type="nf4", double_quant=True, compute_dtype="fp32", cache_dequ
 ALL_LINEAR = Lora(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=[])
 CFG = Train(seed=0, epochs=1, lr=1e-2, batch_size=4, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0,
             max_steps=6, eval_every_steps=0, log_every_steps=1, checkpoint_every_steps=0, group_by_length=False,
-            gradient_checkpointing=False, base_dropout=False, compile=False, processes=1,
+            gradient_checkpointing=False, base_dropout=False, compile=False, processes=1, device="auto",
             gradient_accumulation_steps=1, optimizer="adamw")
 CPU = torch.device("cpu")
 

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from stages import STARTED
 from stages.lib.batches import length_grouped_batches
@@ -145,6 +144,10 @@ class TrainingLoop:
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(cfg.optimizer, self.trainable.values(), lr=cfg.lr,
                                          weight_decay=cfg.weight_decay)
+        # imported here, not at the top: transformers' import brings in bitsandbytes, which
+        # initialises CUDA, and train must claim its GPU first (lib.devices)
+        from transformers import get_linear_schedule_with_warmup
+
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.val_tokens = self.objective.examples(val_x, self.val_y, self.pad_id, device, self.min_width,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -26,8 +27,9 @@ class UserError(Exception):
 
 
 def rule(**checks: Any) -> Any:
-    """Attach range/choice checks to a schema field: ge, gt, le, lt, choices, nonempty, and
-    words (for a field typed `X | str`: the strings it accepts besides an X)."""
+    """Attach range/choice checks to a schema field: ge, gt, le, lt, choices, nonempty, words
+    (for a field typed `X | str`: the strings it accepts besides an X), and pattern (a regular
+    expression the whole string must match) with `means`, which the error message quotes."""
     return field(metadata=checks)
 
 
@@ -49,6 +51,10 @@ OFFLOAD = "offload"  # train.gradient_checkpointing: checkpoints in pinned host 
 # train.compile / evaluate.compile: always, never, or where the expected run makes it pay
 # (stages/lib/compiling.py; on a CPU, auto means never)
 COMPILE_CHOICES = (True, False, "auto")
+# train.device / evaluate.device: auto = claim a free GPU, else the CPU (stages/lib/devices.py);
+# cpu; cuda = claim a free GPU, failing on a host without one; cuda:N = GPU N, unclaimed
+DEVICE_PATTERN = r"auto|cpu|cuda(?::([0-9]+))?"
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N (N: a GPU index, 0 or more)"
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ class Train:
     base_dropout: bool = rule()
     compile: bool | str = rule(choices=COMPILE_CHOICES)
     processes: int = rule(ge=1)
+    device: str = rule(pattern=DEVICE_PATTERN, means=DEVICE_CHOICES)
     gradient_accumulation_steps: int = rule(ge=1)
     optimizer: str = rule(choices=OPTIMIZERS)
 
@@ -134,6 +141,7 @@ class Evaluate:
     batch_size: int = rule(ge=1)
     merged: bool = rule()
     compile: bool | str = rule(choices=COMPILE_CHOICES)
+    device: str = rule(pattern=DEVICE_PATTERN, means=DEVICE_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,10 @@ _BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"),
 
 def _check_value(key: str, value: Any, tp: Any, checks: Mapping[str, Any]) -> str | None:
     """Return a problem description for one key, or None when it is valid."""
+    if "pattern" in checks:  # one message for any wrong value, naming what is accepted
+        if isinstance(value, str) and re.fullmatch(checks["pattern"], value):
+            return None
+        return f"{key}: expected {checks['means']}, got {value!r}"
     if "words" in checks:  # `X | str`: an X, or one of the words
         other = next(t for t in typing.get_args(tp) if t is not str)
         words = " or ".join(repr(w) for w in checks["words"])
