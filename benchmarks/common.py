@@ -39,7 +39,7 @@ CLASSIFICATION = Task(type="classification", metric="accuracy", mlm_probability=
 # the model is prepared and the workers started by the script).
 TRAIN = dict(seed=42, epochs=1, lr=1e-3, batch_size=32, weight_decay=0.01, warmup_ratio=0.06, max_grad_norm=1.0,
              max_steps=0, eval_every_steps=0, log_every_steps=50, checkpoint_every_steps=0, group_by_length=True,
-             gradient_checkpointing=False, base_dropout=True, compile=False, processes=1, device="auto",
+             gradient_checkpointing=False, checkpoint_every_n_layers=1, base_dropout=True, compile=False, processes=1, device="auto",
              gradient_accumulation_steps=1, optimizer="adamw")
 
 

@@ -39,7 +39,8 @@ from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_m
 from stages.lib.loop import NullLive, TrainingLoop
 from stages.lib.offload import enable_offloaded_checkpointing
 from stages.lib.params import OFFLOAD, Lora, Quant, Train, UserError, load_params
-from stages.lib.quantized import attach_lora, compute_setup, load_base, memory_hint, prepare_for_training
+from stages.lib.quantized import (attach_lora, checkpoint_every, compute_setup, load_base, memory_hint,
+                                  prepare_for_training)
 from stages.lib.sources import SOURCE_FILE, BaseOrigin, load_tokenizer
 from stages.lib.tasks import Objective
 from stages.lib.throughput import describe
@@ -51,7 +52,7 @@ PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "train.seed", "train.epochs", "train.lr", "train.batch_size", "train.weight_decay",
           "train.warmup_ratio", "train.max_grad_norm", "train.max_steps", "train.eval_every_steps",
           "train.log_every_steps", "train.checkpoint_every_steps", "train.group_by_length",
-          "train.gradient_checkpointing", "train.base_dropout", "train.compile", "train.processes",
+          "train.gradient_checkpointing", "train.checkpoint_every_n_layers", "train.base_dropout", "train.compile", "train.processes",
           "train.device", "train.gradient_accumulation_steps", "train.optimizer")
 # the loop's speed figures: timing.json, not metrics.json (lib.throughput)
 TIMING_KEYS = ("train_time_s", "warmup_s", "samples_per_s", "tokens_per_s", "first_step_s")
@@ -103,6 +104,10 @@ def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg
         except ValueError:
             raise UserError(f"train.gradient_checkpointing: {OFFLOAD} needs transformers' checkpointing "
                             f"layers, which {type(model).__name__} lacks (use true)") from None
+    if cfg.gradient_checkpointing and cfg.checkpoint_every_n_layers > 1:
+        kept = checkpoint_every(model, cfg.checkpoint_every_n_layers)
+        log.info("train.checkpoint_every_n_layers %d: %d decoder layers checkpointed, the others keep "
+                 "their activations", cfg.checkpoint_every_n_layers, kept)
     return attach_lora(model, lora, task)
 
 

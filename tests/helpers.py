@@ -40,6 +40,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "train.eval_every_steps": 2,  # also exercises best-checkpoint selection mid-epoch
     "train.log_every_steps": 1,
     "train.gradient_checkpointing": False,
+    "train.checkpoint_every_n_layers": 1,
     "evaluate.batch_size": 16,
     "export.merged": False,
 }

@@ -110,7 +110,7 @@ def test_micro_batches_give_the_update_of_the_whole_batch() -> None:
     data = {"train": (texts[:32], labels[:32]), "validation": (texts[32:], labels[32:])}
     cfg = Train(seed=0, epochs=2, lr=1e-2, batch_size=8, weight_decay=0.01, warmup_ratio=0.0, max_grad_norm=1.0,
                 max_steps=0, eval_every_steps=0, log_every_steps=2, checkpoint_every_steps=0,
-                group_by_length=True, gradient_checkpointing=False, base_dropout=True, compile=False,
+                group_by_length=True, gradient_checkpointing=False, checkpoint_every_n_layers=1, base_dropout=True, compile=False,
                 processes=1, device="auto", gradient_accumulation_steps=1, optimizer="adamw")
     objective = Objective(Task(type="classification", metric="accuracy", mlm_probability=0.15))
     weights, rows, losses = {}, {}, {}

@@ -18,9 +18,10 @@ from stages.lib.checkpoint import Checkpoint
 from stages.lib.distributed import Processes
 from stages.lib.loop import NullLive, TrainingLoop
 from stages.lib.params import OPTIMIZERS, Lora, Quant, Task, Train
-from stages.lib.quantized import attach_lora, compile_for_training, load_base, prepare_for_training
+from stages.lib.quantized import compile_for_training
 from stages.lib.sources import resolve_model_source
 from stages.lib.tasks import Objective
+from stages.train import build_model
 
 TINY_LLAMA = ROOT / "configs/tiny-llama"
 CAUSAL = Task(type="causal-lm", metric="loss", mlm_probability=0.15)
@@ -28,7 +29,7 @@ FP32_NF4 = Quant(type="nf4", double_quant=True, compute_dtype="fp32", cache_dequ
 ALL_LINEAR = Lora(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=[])
 CFG = Train(seed=0, epochs=1, lr=1e-2, batch_size=4, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0,
             max_steps=6, eval_every_steps=0, log_every_steps=1, checkpoint_every_steps=0, group_by_length=False,
-            gradient_checkpointing=False, base_dropout=False, compile=False, processes=1, device="auto",
+            gradient_checkpointing=False, checkpoint_every_n_layers=1, base_dropout=False, compile=False, processes=1, device="auto",
             gradient_accumulation_steps=1, optimizer="adamw")
 CPU = torch.device("cpu")
 
@@ -42,13 +43,7 @@ def tiny_llama_base() -> Path:
 
 def decoder(base: Path, cfg: Train = CFG, lora: Lora = ALL_LINEAR) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = load_base(base, [], FP32_NF4, [], CPU, torch.float32, task="causal-lm")
-    model = prepare_for_training(model, cfg.gradient_checkpointing, False, cfg.base_dropout)
-    if cfg.gradient_checkpointing == "offload":
-        from stages.lib.offload import enable_offloaded_checkpointing
-
-        enable_offloaded_checkpointing(model)
-    return attach_lora(model, lora, "causal-lm")
+    return build_model(base, [], FP32_NF4, lora, cfg, "causal-lm", CPU, torch.float32)
 
 
 def blocks(count: int, length: int = 16, seed: int = 0) -> list[list[int]]:
@@ -134,13 +129,28 @@ def test_chunked_loss_in_training_and_scoring_equals_the_model_loss(tiny_llama_b
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
 
 
-@pytest.mark.parametrize("checkpointing", [True, "offload"])
-def test_gradient_checkpointing_trains_a_decoder_to_the_same_weights(tiny_llama_base: Path, checkpointing) -> None:
+@pytest.mark.parametrize("checkpointing, every", [(True, 1), ("offload", 1), (True, 2), ("offload", 2)])
+def test_gradient_checkpointing_trains_a_decoder_to_the_same_weights(tiny_llama_base: Path, checkpointing,
+                                                                     every: int) -> None:
     plain = train(tiny_llama_base, dataclasses.replace(CFG, max_steps=3))
-    recomputed = train(tiny_llama_base, dataclasses.replace(CFG, max_steps=3, gradient_checkpointing=checkpointing))
+    recomputed = train(tiny_llama_base, dataclasses.replace(CFG, max_steps=3, gradient_checkpointing=checkpointing,
+                                                            checkpoint_every_n_layers=every))
     assert plain.keys() == recomputed.keys()
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [True, "offload"])
+def test_checkpoint_every_n_layers_leaves_the_others_unrecomputed(tiny_llama_base: Path, checkpointing) -> None:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for every, expected in ((1, [True, True]), (2, [True, False]), (5, [True, False])):
+        cfg = dataclasses.replace(CFG, gradient_checkpointing=checkpointing, checkpoint_every_n_layers=every)
+        layers = [m for m in decoder(tiny_llama_base, cfg).modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert [layer.gradient_checkpointing for layer in layers] == expected, every
+    layers = [m for m in decoder(tiny_llama_base, dataclasses.replace(CFG, checkpoint_every_n_layers=2)).modules()
+              if isinstance(m, GradientCheckpointingLayer)]
+    assert not any(layer.gradient_checkpointing for layer in layers)  # no checkpointing asked: n changes nothing
 
 
 def test_compile_is_per_decoder_layer_for_decoders(tiny_llama_base: Path) -> None:

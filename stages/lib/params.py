@@ -128,6 +128,7 @@ class Train:
     checkpoint_every_steps: int = rule(ge=0)
     group_by_length: bool = rule()
     gradient_checkpointing: bool | str = rule(words=(OFFLOAD,))
+    checkpoint_every_n_layers: int = rule(ge=1)
     base_dropout: bool = rule()
     compile: bool | str = rule(choices=COMPILE_CHOICES)
     processes: int = rule(ge=1)
