@@ -120,14 +120,15 @@ def loss_and_grads(model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_training_signal(model, input_ids, labels, pad_id: int) -> None:
+def assert_same_training_signal(model, input_ids, labels, pad_id: int, recomputed: bool = False) -> None:
     """Packed rows under varlen attention give the loss and every gradient of the same examples
     padded one per row under SDPA."""
     model.config.use_cache = False
     model.set_attn_implementation(VARLEN)
     packed, packed_grads = loss_and_grads(model, packed_inputs(input_ids, labels, pad_id))
     calls = len(CALLS)
-    assert calls == model.config.num_hidden_layers  # one kernel call per attention layer
+    # one kernel call per attention layer, and one more per layer recomputed for the backward pass
+    assert calls == model.config.num_hidden_layers * (2 if recomputed else 1)
     model.set_attn_implementation("sdpa")
     padded, padded_grads = loss_and_grads(model, collate_padded(input_ids, labels, pad_id))
     assert len(CALLS) == calls  # SDPA does not go through the kernel
@@ -141,6 +142,15 @@ def test_llama_packed_varlen_trains_like_padded_sdpa(kernel, examples, tokenizer
     """Grouped-query attention (4 heads, 2 kv heads): enable_gqa on 2.13's kernel, repeated heads else."""
     input_ids, labels = examples
     assert_same_training_signal(tiny_llama(len(tokenizer)), input_ids, labels, tokenizer.eos_token_id)
+
+
+def test_gradient_checkpointing_passes_the_boundaries_on(reference, examples, tokenizer) -> None:
+    """Recomputed layers (the GPU presets checkpoint) get cu_seq_lens again in the backward pass."""
+    input_ids, labels = examples
+    model = tiny_llama(len(tokenizer))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert_same_training_signal(model, input_ids, labels, tokenizer.eos_token_id, recomputed=True)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-opt"])
