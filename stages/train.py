@@ -12,6 +12,8 @@ that is > 0). Every train.checkpoint_every_steps steps the loop's state goes to
 <checkpoint-dir>; a rerun after a kill resumes from it. The loop itself is lib.loop. Before
 anything touches CUDA, train.device picks the device: `auto` claims train.processes free GPUs
 (lib.devices), so parallel queued experiments each get their own.
+Packed sft rows train with varlen attention on a CUDA GPU (no mask: lib.varlen_attention), with
+SDPA and transformers' block mask elsewhere.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from stages.lib.sources import SOURCE_FILE, BaseOrigin, load_tokenizer
 from stages.lib.tasks import Objective
 from stages.lib.throughput import describe
 from stages.lib.tokenized import load_tokenized
+from stages.lib.varlen_attention import packed_attention
 
 PARAMS = ("task.type", "task.metric", "task.mlm_probability",
           "quant.type", "quant.double_quant", "quant.compute_dtype", "quant.cache_dequantized",
@@ -91,10 +94,11 @@ def check_batch_shares(cfg: Train, params_file: str) -> None:
 
 
 def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg: Train, task: str,
-                device: torch.device, dtype: torch.dtype, prepare=None):
+                device: torch.device, dtype: torch.dtype, prepare=None, attn_implementation: str = "sdpa"):
     """The base, quantized and prepared for training (`prepare`: the task's own setup of the
     loaded base, Objective.prepare), with LoRA attached."""
-    model = load_base(base_dir, labels, quant, lora.modules_to_save, device, dtype, task=task)
+    model = load_base(base_dir, labels, quant, lora.modules_to_save, device, dtype,
+                      attn_implementation=attn_implementation, task=task)
     if prepare is not None:
         prepare(model)
     model = prepare_for_training(model, cfg.gradient_checkpointing, quant.cache_dequantized, cfg.base_dropout)
@@ -142,8 +146,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if tokenized.chat_template:  # saved with the adapter: generation renders prompts as training did
         tokenizer.chat_template = tokenized.chat_template
     objective = Objective(task, tokenizer)
+    # packed rows (sft): varlen attention on a GPU, no mask; else SDPA with the block mask (logged)
+    attn = packed_attention(device, dtype) if tokenized.packed else "sdpa"
     model = build_model(base_dir, tokenized.labels, quant, lora, cfg, task.type, device, dtype,
-                        functools.partial(objective.prepare, packed=tokenized.packed))
+                        functools.partial(objective.prepare, packed=tokenized.packed), attn)
     if processes.count > 1:  # weights start alike (same seed); dropout masks differ per worker
         torch.manual_seed(cfg.seed + processes.rank)
     n_trainable, n_all = model.get_nb_trainable_parameters()

@@ -153,11 +153,12 @@ def test_checkpoint_every_n_layers_leaves_the_others_unrecomputed(tiny_llama_bas
     assert not any(layer.gradient_checkpointing for layer in layers)  # no checkpointing asked: n changes nothing
 
 
-def test_compile_is_per_decoder_layer_for_decoders(tiny_llama_base: Path) -> None:
+@pytest.mark.parametrize("task", ["causal-lm", "sft"])
+def test_compile_is_per_decoder_layer_for_decoders(tiny_llama_base: Path, task: str) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     model = decoder(tiny_llama_base)
-    assert compile_for_training(model, "causal-lm") is model  # in place: the chunked loss reaches the head
+    assert compile_for_training(model, task) is model  # in place: the chunked loss reaches the head
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
     assert isinstance(compile_for_training(torch.nn.Linear(2, 2), "classification"), torch._dynamo.eval_frame.OptimizedModule)

@@ -37,6 +37,8 @@ def compute_setup(requested: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+DECODER_TASKS = ("causal-lm", "sft")  # tasks that train a decoder (AutoModelForCausalLM)
+
 # Output layers a language model keeps unquantized (tied to the input embeddings, like QLoRA's
 # lm_head): naming any skip module replaces transformers' own default list, so they are named here.
 OUTPUT_LAYERS = {"classification": (), "masked-lm": ("decoder", "lm_head"), "causal-lm": ("lm_head",),
@@ -234,11 +236,11 @@ def checkpoint_every(model: torch.nn.Module, every: int) -> int:
 
 
 def compile_for_training(model: torch.nn.Module, task: str) -> torch.nn.Module:
-    """torch.compile for train.compile. A decoder (causal-lm) compiles each decoder layer in
-    place: one small graph reused by every layer, compiled in seconds however deep the model,
-    and its output layer stays outside for the chunked loss. Other models compile as one graph,
-    which runs faster than regions for small encoders (docs/performance.md)."""
-    if task != "causal-lm":
+    """torch.compile for train.compile. A decoder (causal-lm, sft) compiles each decoder layer
+    in place: one small graph reused by every layer, compiled in seconds however deep the model,
+    and its output layer stays outside (causal-lm: for the chunked loss). Other models compile as
+    one graph, which runs faster than regions for small encoders (docs/performance.md)."""
+    if task not in DECODER_TASKS:
         return torch.compile(model)
     from transformers.modeling_layers import GradientCheckpointingLayer
 

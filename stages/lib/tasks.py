@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from stages.lib.batches import PackedTokens, TokenBlocks, pad_multiple, predict_logits
 from stages.lib.losses import CHUNK_TOKENS, ChunkedCausalLM, causal_lm_loss, output_head
-from stages.lib.packing import ChatTokens, prepare_for_packing
+from stages.lib.packing import ChatTokens, prepare_for_packing, uses_varlen
 from stages.lib.params import Task
 from stages.lib.tokenized import ChatTargets
 from stages.lib.quantized import autocast
@@ -40,6 +40,7 @@ class Objective:
     def __init__(self, task: Task, tokenizer: Any = None):
         self.type, self.metric, self.mlm_probability = task.type, task.metric, task.mlm_probability
         self.tokenizer = tokenizer
+        self.varlen = False  # sft batches carry their examples' boundaries (prepare sets it)
 
     def better(self, scores: dict[str, float], best: dict[str, float]) -> bool:
         """Whether `scores` beat `best` (empty: anything does) on the task's metric."""
@@ -56,18 +57,20 @@ class Objective:
 
     def prepare(self, model: torch.nn.Module, packed: bool) -> None:
         """Set the loaded base up for this task's training batches: sft trains without a cache,
-        and packed rows only where the model keeps their examples apart (else one line)."""
+        and packed rows only where the model keeps their examples apart (else one line); a model
+        with varlen attention gets its examples' boundaries with every packed batch."""
         if self.type == "sft":
             model.config.use_cache = False
             if packed:
                 prepare_for_packing(model)
+                self.varlen = uses_varlen(model)
 
     def examples(self, sequences: Sequence[Sequence[int]], labels: Sequence[int] | ChatTargets | None,
                  pad_id: int, device: torch.device, min_width: int = 0,
                  scoring: bool = False) -> PackedTokens | TokenBlocks | ChatTokens:
         """A split as batches on `device`: padded texts with labels, token blocks, or chats."""
         if self.type == "sft":
-            return ChatTokens(sequences, labels.labels, labels.position_ids, pad_id, device)
+            return ChatTokens(sequences, labels.labels, labels.position_ids, pad_id, device, self.varlen)
         if self.type == "classification":
             return PackedTokens(sequences, pad_id, device, min_width, pad_multiple(device),
                                 None if scoring else labels)
