@@ -310,7 +310,7 @@ def test_chat_tokens_carry_the_boundaries_only_for_varlen(examples, tokenizer) -
 
 CFG = Train(seed=0, epochs=1, lr=1e-2, batch_size=2, weight_decay=0.0, warmup_ratio=0.0, max_grad_norm=1.0,
             max_steps=3, eval_every_steps=0, log_every_steps=1, checkpoint_every_steps=0, group_by_length=False,
-            gradient_checkpointing=False, base_dropout=False, compile=False, processes=1,
+            gradient_checkpointing=False, checkpoint_every_n_layers=1, base_dropout=False, compile=False, processes=1, device="auto",
             gradient_accumulation_steps=1, optimizer="adamw")
 LORA = Lora(r=4, alpha=8, dropout=0.0, target_modules="all-linear", modules_to_save=[])
 
