@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, precision_recall_fscore_support
 from tqdm import tqdm
 
 from stages.lib.batches import PackedTokens, TokenBlocks, pad_multiple, predict_logits
@@ -103,6 +102,10 @@ def label_scores(labels: Sequence[int], predicted: Sequence[int],
     """Accuracy, macro- and weighted F1 of predicted class ids. F1 averages over `classes`
     (evaluate: every class, so one the test split lacks counts as 0), or, when None, over the
     classes present in labels or predictions (validation, as it always has)."""
+    # imported here: sklearn's import takes seconds that every train process would pay before
+    # its first step; only scoring needs it
+    from sklearn.metrics import f1_score
+
     f1 = {"labels": None if classes is None else list(classes), "zero_division": 0}
     return {"accuracy": float((np.asarray(predicted) == np.asarray(labels)).mean()),
             "f1_macro": float(f1_score(labels, predicted, average="macro", **f1)),
@@ -118,6 +121,8 @@ def classification_scores(logits: torch.Tensor, labels: Sequence[int]) -> dict[s
 def per_class_scores(labels: Sequence[int], predicted: Sequence[int],
                      names: Sequence[str]) -> dict[str, dict[str, float | int]]:
     """Precision, recall, F1 and support of each class, by name."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=list(range(len(names))), zero_division=0)
     return {name: {"precision": float(precision[i]), "recall": float(recall[i]),
