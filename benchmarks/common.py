@@ -144,17 +144,21 @@ def one_off_seconds(warmup_s: float, warmup_steps: int, steady_step_s: float | N
     return round(max(0.0, warmup_s - warmup_steps * steady_step_s), 2)
 
 
+# bert-base-uncased's architecture and uncased vocabulary, no weights (configs/README.md)
+BERT_BASE = ROOT / "configs/bert-base-uncased"
+
+
 def build_model_dir(kind: str, out: Path, minilm: str) -> Path:
-    """A model directory for load_base: MiniLM (real weights), or a random-init bert-base."""
-    minilm, _ = resolve_model_source(minilm, "main")
+    """A model directory for load_base: MiniLM (real weights), or a random-init bert-base (which
+    needs no MiniLM: its config and tokenizer are configs/bert-base-uncased)."""
     if kind == "minilm":
-        return minilm
+        return resolve_model_source(minilm, "main")[0]
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig())  # bert-base-uncased's architecture, as its checkpoint: no head
+    model = BertModel(BertConfig.from_pretrained(BERT_BASE))  # as its checkpoint: no head
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)  # the same uncased vocabulary
+    AutoTokenizer.from_pretrained(BERT_BASE).save_pretrained(out)
     return out
 
 
