@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the repository on sys.path, AG News tokenized for a model,
 the model directories (real MiniLM or a random-init bert-base), the pipeline's quantized LoRA
-model, its training loop and adapter directory, GPU timing and profiling helpers.
+model, its training loop and adapter directory, GPU timing and profiling helpers, and what a
+result record says about its run (machine and versions, argv, the compile cache).
 
 A script imports this module first (`import common`: the script's own directory is on sys.path),
 then the library (`stages.lib.*`); configs are built through the params schema (train_config).
@@ -9,7 +10,13 @@ then the library (`stages.lib.*`); configs are built through the params schema (
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/<script>.py`: the lib
     sys.path.insert(0, str(ROOT))
 
 from stages.lib.adapter import AdapterMeta, load_adapter, save_adapter  # noqa: E402
+from stages.lib.compiling import compile_cache_dir  # noqa: E402
 from stages.lib.distributed import Processes  # noqa: E402
 from stages.lib.io import sha256_file  # noqa: E402
 from stages.lib.loop import NullLive, TrainingLoop  # noqa: E402
@@ -67,17 +75,90 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def machine(device: torch.device) -> dict[str, Any]:
+    """Python, platform and the versions of the packages a result depends on; the GPU's name,
+    memory and CUDA version when `device` is one."""
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "device": str(device)}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, gpu_count=torch.cuda.device_count())
+    return info
+
+
+def run_header(script: str, processes: Processes, device: torch.device) -> dict[str, Any]:
+    """The first fields of a result record: which script, when, the exact command line (this
+    worker's argv, and the torchrun command that starts it and its peers), the machine and
+    versions, and every worker's device by rank (a collective: all workers call it)."""
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})"
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    command = (["torchrun", "--standalone", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "?")]
+               if launched else ["python"])
+    return {"benchmark": script, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "argv": [sys.executable, *sys.argv], "command": shlex.join([*command, *sys.argv]),
+            "processes": processes.count,
+            "launcher": {k: os.environ[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+                         if k in os.environ},
+            "machine": machine(device), "devices": processes.gather(name)}
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append `record` to `path` as one JSON line, in one write (a killed run leaves whole lines)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def compile_cache_state() -> dict[str, Any]:
+    """The compile cache (stages.lib.compiling) as this run finds it: `warm` when earlier runs
+    left compiled graphs in it (FX graph entries), else `cold`. Read it before anything
+    compiles, on every worker before they first meet (else one may read another's new files)."""
+    directory = compile_cache_dir()
+    graphs = directory / "fxgraph"
+    entries = sum(1 for p in graphs.rglob("*") if p.is_file()) if graphs.is_dir() else 0
+    return {"dir": str(directory), "state": "warm" if entries else "cold", "fxgraph_files_before": entries}
+
+
+def compile_counters() -> dict[str, int]:
+    """What torch.compile did in this process so far: graphs compiled (dynamo), and the FX graph
+    and AOTAutograd cache lookups that found a compiled graph (hit), compiled it (miss) or could
+    not use the cache (bypass)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"],
+            **{f"fxgraph_{k}": counters["inductor"][f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass")},
+            **{f"aot_autograd_{k}": counters["aot_autograd"][f"autograd_cache_{k}"] for k in ("hit", "miss", "bypass")}}
+
+
+def one_off_seconds(warmup_s: float, warmup_steps: int, steady_step_s: float | None) -> float | None:
+    """The warm-up's time beyond what its steps cost at the steady rate: compilation, plus
+    one-off set-up (CUDA kernels chosen, allocator pools, DDP buckets; about a second eager)."""
+    if steady_step_s is None:
+        return None
+    return round(max(0.0, warmup_s - warmup_steps * steady_step_s), 2)
+
+
+# bert-base-uncased's architecture and uncased vocabulary, no weights (configs/README.md)
+BERT_BASE = ROOT / "configs/bert-base-uncased"
+
+
 def build_model_dir(kind: str, out: Path, minilm: str) -> Path:
-    """A model directory for load_base: MiniLM (real weights), or a random-init bert-base."""
-    minilm, _ = resolve_model_source(minilm, "main")
+    """A model directory for load_base: MiniLM (real weights), or a random-init bert-base (which
+    needs no MiniLM: its config and tokenizer are configs/bert-base-uncased)."""
     if kind == "minilm":
-        return minilm
+        return resolve_model_source(minilm, "main")[0]
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig())  # bert-base-uncased's architecture, as its checkpoint: no head
+    model = BertModel(BertConfig.from_pretrained(BERT_BASE))  # as its checkpoint: no head
     model.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(minilm).save_pretrained(out)  # the same uncased vocabulary
+    AutoTokenizer.from_pretrained(BERT_BASE).save_pretrained(out)
     return out
 
 

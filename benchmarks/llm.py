@@ -27,6 +27,7 @@ per decoder layer; `+ckpt4`: every 4th layer only, quantized.checkpoint_every), 
 (torch.compile of each decoder layer), `+offload` (checkpointing whose saved layer inputs wait in
 pinned host memory, stages/lib/offload.py; `+offload4` likewise every 4th layer), `+fused` (base matmul and LoRA as one autograd function, stages/lib/fused_lora.py). Every variant sees the same blocks per optimizer step
 (batch x accumulation must equal the standard recipe's), so its losses compare step by step.
+benchmarks/scaling_llm.py runs the same loading and loop on several GPUs under DDP (issue 20).
 
 Figures per recipe: steady-state tokens/s (steps after --warmup-steps; load and warm-up time are
 reported separately), peak GiB (torch.cuda.max_memory_allocated, reset between recipes; paged
@@ -40,11 +41,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import json
 import math
-import os
-import platform
 import sys
 import time
 import traceback
@@ -56,10 +54,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import machine  # noqa: E402
+from stages.lib.distributed import Processes  # noqa: E402
+from stages.lib.losses import ChunkedCausalLM  # noqa: E402
 from stages.lib.params import Lora, Quant  # noqa: E402
 from stages.lib.quantized import (attach_lora, checkpoint_every, compute_setup, load_base,  # noqa: E402
                                   prepare_for_training)
-from stages.lib.losses import chunked_causal_lm_loss  # noqa: E402
 from stages.lib.fused_lora import fuse_lora_4bit  # noqa: E402
 from stages.lib.offload import enable_offloaded_checkpointing  # noqa: E402
 from stages.lib.optimizers import build_optimizer  # noqa: E402
@@ -102,21 +102,6 @@ def peak_gib(device: torch.device) -> float | None:
 
 def reserved_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_reserved() / 2**30, 3) if device.type == "cuda" else None
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpu_count": os.cpu_count(), "device": str(device)}
-    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda, gpu_count=torch.cuda.device_count())
-    return info
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -347,15 +332,26 @@ def kernel_profile(prof, rows: int = 25) -> dict[str, Any]:
 
 def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: int, args: argparse.Namespace,
                device: torch.device, dtype: torch.dtype, label: str, deadline: float,
-               profile: dict[str, Any] | None = None) -> tuple[list[float], list[float]]:
+               profile: dict[str, Any] | None = None,
+               processes: Processes | None = None) -> tuple[list[float], list[float]]:
     """The written-out loop: micro-batches, chunked loss over the step's predicted tokens,
     clipping, optimizer step. Returns per-step seconds and losses. With `profile` (a dict to
-    fill), the last step runs under torch.profiler and its kernel table goes there."""
+    fill), the last step runs under torch.profiler and its kernel table goes there.
+
+    With `processes` (DDP workers, benchmarks/scaling_llm.py), `data` holds this worker's own
+    blocks, `variant` its share of each step. DDP averages the LoRA gradients once per step,
+    after the last micro-batch (the others run under no_sync), so the update is that of all the
+    workers' blocks; the losses are the workers' mean, and all stop at the same step when one
+    reaches the deadline (a worker left alone in a collective would wait forever)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(args.optimizer, trainable, lr=args.lr, weight_decay=0.0)
+    forward = ChunkedCausalLM(model, args.ce_chunk)
+    if processes is not None:
+        forward = processes.wrap(forward)
     per_step = variant["batch"] * variant["accumulation"]
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and dtype != torch.float32 \
         else contextlib.nullcontext()
+    talk = processes is None or processes.is_main
     seconds, losses = [], []
     sync(device)
     last = time.perf_counter()
@@ -369,9 +365,11 @@ def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: 
         total = torch.zeros((), device=device)
         for micro in range(variant["accumulation"]):
             ids = torch.stack(step_blocks[micro * variant["batch"]:(micro + 1) * variant["batch"]]).to(device, non_blocking=True)
-            with autocast:
-                loss = chunked_causal_lm_loss(model, ids, ids, num_items=num_items, chunk_tokens=args.ce_chunk)
-            loss.backward()
+            keep_local = micro < variant["accumulation"] - 1  # DDP's all-reduce after the last one only
+            with processes.no_sync(forward, keep_local) if processes is not None else contextlib.nullcontext():
+                with autocast:
+                    loss = forward(input_ids=ids, labels=ids, num_items=num_items).loss
+                loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -383,10 +381,16 @@ def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: 
         now = time.perf_counter()
         seconds.append(now - last)
         last = now
+        stop = time.monotonic() > deadline
+        if processes is not None:  # one collective for both: the mean loss, and whether any must stop
+            total, late = processes.mean(torch.stack([total, torch.tensor(float(stop), device=device)])).unbind()
+            stop = late.item() > 0
         losses.append(total.item())
-        say(f"  {label} step {step + 1}/{steps} loss {losses[-1]:.4f} {seconds[-1]:.2f}s")
-        if time.monotonic() > deadline:
-            say(f"  {label}: time budget reached, stopping after {step + 1} steps")
+        if talk:
+            say(f"  {label} step {step + 1}/{steps} loss {losses[-1]:.4f} {seconds[-1]:.2f}s")
+        if stop:
+            if talk:
+                say(f"  {label}: time budget reached, stopping after {step + 1} steps")
             break
     del optimizer
     return seconds, losses

@@ -4,9 +4,14 @@
 
 Each run trains with the pipeline's own loop (stages.lib.loop, with stages.lib.distributed's
 Processes, as `python -m stages.train` does with train.processes: N) on AG News, the global batch
-split evenly over the N workers. The main worker prints one JSON line: samples/s over the timed
-epochs, peak GPU memory per worker, and the best validation accuracy. Scaling efficiency is
-samples/s at N / (N x samples/s at 1), from runs on one host.
+split evenly over the N workers. The main worker prints one JSON line, and appends it to --out
+when given: samples/s over the timed epochs, peak GPU memory per worker, the best validation
+accuracy, the warm-up apart (load_s: the model built and loaded, the data tokenized;
+warmup_s: the warm-up epoch or steps; compile_s: the warm-up less its steps at the timed
+rate), with --compile the compile cache as this run found it (warm or cold) and each worker's
+cache hits and misses, every worker's device, the versions and the exact argv. Scaling
+efficiency is samples/s at N / (N x samples/s at 1), from runs on one host
+(benchmarks/run_scaling.py runs them and prints the table).
 
 --micro-batch M: each worker runs its share of the global batch in share / M micro-batches and
 steps once (train.gradient_accumulation_steps), so one global batch can be compared at every GPU
@@ -22,21 +27,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from common import build_model_dir, load_data, peak_gib, quantized_lora_model, reset_peak, train, train_config
+from common import (append_jsonl, build_model_dir, compile_cache_state, compile_counters, load_data, one_off_seconds,
+                    peak_gib, quantized_lora_model, reset_peak, run_header, sync, train, train_config)
 
 from stages.lib.distributed import Processes
 from stages.lib.params import Train
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
 
 
 def profile_steps(model, data, pad_id: int, cfg: Train, device, dtype, processes: Processes,
@@ -78,8 +79,12 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the timed run, profile this many steps and print where the main "
                              "worker's GPU time went")
+    parser.add_argument("--out", type=Path, help="JSON lines file; the run's line is appended")
     args = parser.parse_args()
 
+    started = time.perf_counter()
+    # before any worker compiles (the workers first meet in Processes' set-up)
+    cache = compile_cache_state() if args.compile else None
     processes = Processes()
     speed_run = args.model == "bert-base"
     if args.compile:
@@ -115,26 +120,45 @@ def main() -> None:
     torch.manual_seed(42 + processes.rank)
     cfg = train_config(epochs=args.epochs if speed_run else 1, lr=args.lr, batch_size=args.global_batch,
                        compile=args.compile, processes=processes.count, gradient_accumulation_steps=accumulation)
+    load_s = time.perf_counter() - started
+    warmup_steps, warmup_s = 0, 0.0
     if speed_run:  # warm-up outside the timing (CUDA context, kernel selection, compilation)
         # Compiled, every batch width must have been seen: a new
         # shape can recompile, which inside the timed epochs would count as training time. One
         # whole epoch has them all (graphs_compiled_in_timed_run checks); eager, a few steps do.
-        train(model, data, pad_id, dataclasses.replace(cfg, epochs=1, max_steps=0 if args.compile else 4),
-              device, dtype, processes)
+        t0 = time.perf_counter()
+        warmed = train(model, data, pad_id, dataclasses.replace(cfg, epochs=1, max_steps=0 if args.compile else 4),
+                       device, dtype, processes)
+        sync(device)  # its validation synchronized already; to be sure the clock holds all of it
+        warmup_steps, warmup_s = warmed["steps"], time.perf_counter() - t0
     reset_peak(device)
-    graphs = compiled_graphs()
+    graphs = compile_counters()["graphs"]
     summary = train(model, data, pad_id, cfg, device, dtype, processes)
-    recompiled = max(processes.gather(compiled_graphs() - graphs))
+    recompiled = max(processes.gather(compile_counters()["graphs"] - graphs))
     peaks = processes.gather(peak_gib(device))
+    counters = processes.gather(compile_counters()) if args.compile else None
+    header = run_header("benchmarks/scaling.py", processes, device)
     if processes.is_main:
-        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        print(json.dumps({"model": args.model, "device": card, "processes": processes.count,
-                          "global_batch": args.global_batch, "per_process_batch": share,
-                          "accumulation": accumulation,
-                          "compile": args.compile, "train_samples": summary["train_samples"],
-                          "samples_per_s": summary["samples_per_s"], "peak_gib_per_process": max(peaks),
-                          "best_val_accuracy": summary["best_val_accuracy"],
-                          "graphs_compiled_in_timed_run": recompiled}), flush=True)
+        rate = summary["samples_per_s"]
+        record = {**header, "series": f"{args.model} {'compiled' if args.compile else 'eager'}: global batch "
+                                      f"{args.global_batch} rows, micro-batch {share // accumulation}",
+                  "model": args.model, "device": header["devices"][0], "scaling": "strong",
+                  "global_batch": args.global_batch, "per_process_batch": share, "accumulation": accumulation,
+                  "micro_batch": share // accumulation, "unit": "rows", "per_gpu_per_step": share,
+                  "global_per_step": args.global_batch,
+                  "compile": args.compile, "train_samples": summary["train_samples"],
+                  "samples_per_s": rate, "peak_gib_per_process": None if math.isnan(max(peaks)) else max(peaks),
+                  "peak_gib_per_gpu": [None if math.isnan(p) else round(p, 3) for p in peaks],
+                  "best_val_accuracy": summary["best_val_accuracy"],
+                  "load_s": round(load_s, 2), "warmup_steps": warmup_steps, "warmup_s": round(warmup_s, 2),
+                  # the warm-up's validation (a fifth of the texts, eager) counts in compile_s too
+                  "compile_s": one_off_seconds(warmup_s, warmup_steps, args.global_batch / rate if rate else None),
+                  "compile_cache": cache, "compile_counters_per_gpu": counters,
+                  "graphs_compiled_in_timed_run": recompiled,
+                  "wall_s": round(time.perf_counter() - started, 1)}
+        print(json.dumps(record), flush=True)
+        if args.out:
+            append_jsonl(args.out, record)
     if args.profile:
         profile_steps(model, data, pad_id, cfg, device, dtype, processes, args.profile)
     processes.wait()

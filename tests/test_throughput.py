@@ -14,7 +14,8 @@ import torch
 from helpers import ROOT, Pipeline, run_stage
 from stages.lib import throughput
 from stages.lib.compiling import (CACHE_ENV, CACHE_SWITCHES, EVAL_COMPILE_S, EVAL_SAVED_S, TRAIN_COMPILE_S,
-                                  TRAIN_SAVED_S, decide_compile, use_compile_cache)
+                                  TRAIN_SAVED_S, TRITON_CACHE_ENV, decide_compile, torch_default_cache_dir,
+                                  use_compile_cache)
 from stages.lib.io import read_json
 from stages.lib.throughput import Throughput, describe
 
@@ -164,17 +165,28 @@ def test_compile_cache_goes_to_the_user_cache_dir(monkeypatch, tmp_path: Path) -
     monkeypatch.delenv(CACHE_ENV, raising=False)
     for switch in CACHE_SWITCHES:
         monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv(TRITON_CACHE_ENV, "")  # then removed: monkeypatch restores it as it was
+    monkeypatch.delenv(TRITON_CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     directory = use_compile_cache()
     assert directory == tmp_path / "cache" / "qlora-pipeline" / "torch-compile"
     assert os.environ[CACHE_ENV] == str(directory)
     assert all(os.environ[switch] == "1" for switch in CACHE_SWITCHES)
+    # one Triton folder for every GPU index (torch's default has one per GPU under triton/)
+    assert os.environ[TRITON_CACHE_ENV] == str(directory / "triton")
     assert ROOT not in directory.parents  # never inside the repository
+
+    # importing bitsandbytes makes inductor write its default (/tmp/torchinductor_<user>) into
+    # the variable: not the user's choice, so the pipeline's directory still wins
+    monkeypatch.setenv(CACHE_ENV, torch_default_cache_dir())
+    assert use_compile_cache() == directory and os.environ[CACHE_ENV] == str(directory)
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))  # a user's own choice stands
     monkeypatch.setenv(CACHE_SWITCHES[0], "0")
+    monkeypatch.setenv(TRITON_CACHE_ENV, str(tmp_path / "triton"))
     assert use_compile_cache() == tmp_path / "mine"
     assert os.environ[CACHE_SWITCHES[0]] == "0"
+    assert os.environ[TRITON_CACHE_ENV] == str(tmp_path / "triton")
 
 
 def test_train_sets_the_cache_before_it_compiles(pipeline: Pipeline, tmp_path: Path, write_params,

@@ -33,6 +33,11 @@ EVAL_SAVED_S = 6.9e-6
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's FX graph, AOTAutograd and Triton kernel caches
 CACHE_SWITCHES = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
+# Triton's compiled kernels. Inside inductor's cache dir torch keeps one folder per GPU index
+# (triton/0, triton/1, ...), so the DDP worker on GPU 1 would build again every kernel the one
+# on GPU 0 built; Triton's own key holds the GPU architecture, not the index, so one folder
+# serves every worker of a host.
+TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -65,22 +70,46 @@ def parameter_total(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def torch_default_cache_dir() -> str:
+    """Inductor's own default cache directory (/tmp/torchinductor_<user>)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # an older torch: the same rule
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+    return default_cache_dir()
+
+
 def compile_cache_dir() -> Path:
     """Where compiled graphs are kept: TORCHINDUCTOR_CACHE_DIR when the user set it, else
     qlora-pipeline/torch-compile under the user's cache directory ($XDG_CACHE_HOME or
     ~/.cache): outside the repository and outside /tmp (torch's default), so it survives reboots
-    and is shared by every run, experiment and queued experiment's temporary copy of the repo."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    and is shared by every run, experiment and queued experiment's temporary copy of the repo.
+
+    Inductor writes its own default into TORCHINDUCTOR_CACHE_DIR the first time anything asks
+    it for its cache, and importing bitsandbytes does (0.50 wraps kernels in torch.compile at
+    import), so a variable holding that default was not set by the user and is overridden."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(torch_default_cache_dir()):
+        return Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "qlora-pipeline" / "torch-compile"
 
 
 def use_compile_cache() -> Path:
-    """Point inductor's caches at compile_cache_dir() and switch the graph caches on. Call it
-    before anything compiles: torch reads these variables when it first compiles."""
+    """Point inductor's caches at compile_cache_dir() and switch the graph caches on; Triton's
+    kernels go to its `triton` folder, one for all GPUs (unless TRITON_CACHE_DIR is set). Call
+    it before anything compiles: torch reads these variables when it first compiles. Every DDP
+    worker calls it (the training loop's setup runs in each), so all share one cache.
+
+    torch (up to 2.13 at least, pytorch#108971) puts the GPU index of a graph's inputs in the
+    FX graph and AOTAutograd cache keys, so a graph compiled by the worker on GPU 0 is found
+    again by a later worker on GPU 0 only; the Triton kernels are shared across GPUs."""
     directory = compile_cache_dir()
     os.environ[CACHE_ENV] = str(directory)
     for switch in CACHE_SWITCHES:
         os.environ.setdefault(switch, "1")
+    os.environ.setdefault(TRITON_CACHE_ENV, str(directory / "triton"))
     return directory

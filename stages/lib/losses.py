@@ -133,11 +133,14 @@ class ChunkedCausalLM(torch.nn.Module):
         self.model, self.chunk_tokens = model, chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> Any:
+                attention_mask: torch.Tensor | None = None,
+                num_items: int | torch.Tensor | None = None) -> Any:
+        """`num_items`: divide the summed loss by it (a whole optimizer step's predicted tokens)
+        instead of taking the mean over this batch's."""
         from transformers.modeling_outputs import CausalLMOutput
 
         return CausalLMOutput(loss=chunked_causal_lm_loss(self.model, input_ids, labels, attention_mask,
-                                                          chunk_tokens=self.chunk_tokens))
+                                                          num_items=num_items, chunk_tokens=self.chunk_tokens))
 
 
 def chunked_causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
