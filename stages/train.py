@@ -75,16 +75,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def check_batch_shares(cfg: Train, params_file: str) -> None:
-    """Each process takes an equal share of every batch, run in equal micro-batches; offloaded
-    checkpointing and compilation exclude each other."""
+    """Each process takes an equal share of every batch, run in equal micro-batches."""
     if cfg.batch_size % cfg.processes:
         raise UserError(f"{params_file}: train.batch_size {cfg.batch_size} is not a multiple of "
                         f"train.processes {cfg.processes} (each process takes an equal share "
                         "of every batch)")
-    if cfg.compile is True and cfg.gradient_checkpointing == OFFLOAD:
-        raise UserError(f"{params_file}: train.gradient_checkpointing {OFFLOAD} does not combine with "
-                        "train.compile true (the offloaded checkpoint runs outside the compiled layers); "
-                        "set one of them differently")
     share = cfg.batch_size // cfg.processes
     if share % cfg.gradient_accumulation_steps:
         raise UserError(f"{params_file}: each process's share of a batch, train.batch_size / "

@@ -72,9 +72,10 @@ def test_llama_preset_composes_over_the_causal_lm_recipe() -> None:
     assert (flat["train.optimizer"], flat["quant.compute_dtype"], flat["tokenize.max_length"]) == \
         ("paged_adamw_8bit", "bf16", 2048)
     assert flat["train.batch_size"] == 8 and flat["train.compile"] and flat["train.gradient_checkpointing"] is True
+    assert (flat["train.gradient_accumulation_steps"], flat["train.checkpoint_every_n_layers"]) == (4, 3)
     assert flat["quant.cache_dequantized"] is False  # the base stays in 4 bits
     assert compose(["task=causal-lm", "+preset=llama-3.1-8b", "train.gradient_checkpointing=offload",
-                    "train.compile=false"])["train"]["gradient_checkpointing"] == "offload"
+                    "train.checkpoint_every_n_layers=1"])["train"]["gradient_checkpointing"] == "offload"
 
 
 def test_unknown_recipe_lists_the_recipes() -> None:

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from stages import STARTED
 from stages.lib.batches import length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
-from stages.lib.compiling import (TRAIN_COMPILE_S, TRAIN_SAVED_S, CompileDecision, decide_compile,
+from stages.lib.compiling import (TRAIN_COMPILE_S, TRAIN_SAVED_S, decide_compile,
                                   parameter_total, use_compile_cache)
 from stages.lib.distributed import Processes, SharedCheckpoint
 from stages.lib.optimizers import build_optimizer
-from stages.lib.params import OFFLOAD, Train
+from stages.lib.params import Train
 from stages.lib.quantized import autocast, compile_for_training
 from stages.lib.tasks import Objective, format_scores
 from stages.lib.throughput import TRAIN_WARMUP_STEPS, Throughput, synchronize
@@ -126,12 +126,8 @@ class TrainingLoop:
                  self.steps_per_epoch, self.total_steps, warmup)
         self.train_tokens = self.objective.examples(train_x, train_y, self.pad_id, device, self.min_width)
         tokens = round(self.total_steps * cfg.batch_size * float(np.mean(self.train_tokens.lengths)))
-        if cfg.compile == "auto" and cfg.gradient_checkpointing == OFFLOAD:
-            decision = CompileDecision(False, "train.compile: auto: not compiling (offloaded "
-                                              "checkpointing runs outside compiled layers)")
-        else:
-            decision = decide_compile("train.compile", cfg.compile, device, tokens, parameter_total(self.model),
-                                      TRAIN_COMPILE_S, TRAIN_SAVED_S)
+        decision = decide_compile("train.compile", cfg.compile, device, tokens, parameter_total(self.model),
+                                  TRAIN_COMPILE_S, TRAIN_SAVED_S)
         log.info(decision.reason)
         if decision.compile:
             use_compile_cache()  # before the first compile: graphs from earlier runs are reused
