@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python benchmarks/<script>.py`: the library sits beside
     sys.path.insert(0, str(ROOT))
 
-from stages.lib.adapter import AdapterMeta, load_adapter, save_adapter  # noqa: E402
+from stages.lib.adapter import load_adapter  # noqa: E402
+from stages.lib.adapter_meta import AdapterMeta, save_adapter  # noqa: E402
 from stages.lib.compiling import compile_cache_dir  # noqa: E402
 from stages.lib.distributed import Processes  # noqa: E402
 from stages.lib.io import sha256_file  # noqa: E402

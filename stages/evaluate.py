@@ -30,7 +30,8 @@ import torch
 from dvclive import Live
 
 from stages import STARTED
-from stages.lib.adapter import LanguageModel, load_adapter, load_language_model, read_adapter_meta
+from stages.lib.adapter import LanguageModel, load_adapter, load_language_model
+from stages.lib.adapter_meta import read_adapter_meta
 from stages.lib.answers import generate_answers, score_answers
 from stages.lib.compiling import EVAL_COMPILE_S, EVAL_SAVED_S, decide_compile
 from stages.lib.devices import select_device

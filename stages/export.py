@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from stages.lib.adapter import ADAPTER_META_FILE, AdapterMeta, hash_adapter_files, read_adapter_meta, write_adapter_config
+from stages.lib.adapter_meta import (ADAPTER_META_FILE, AdapterMeta, hash_adapter_files, read_adapter_meta,
+                                     write_adapter_config)
 from stages.lib.io import atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.params import load_params
 from stages.lib.quantized import DTYPES, load_base, quantization_config

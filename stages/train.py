@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.lib.adapter import AdapterMeta, save_adapter
+from stages.lib.adapter_meta import AdapterMeta, save_adapter
 from stages.lib.checkpoint import Checkpoint, fingerprint
 from stages.lib.devices import select_device
 from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch

@@ -161,7 +161,7 @@ def test_validation_leaves_4bit_weights_as_they_were(tiny_model_dir: Path, doubl
 def test_adapter_config_is_written_byte_stably(tmp_path: Path) -> None:
     """PEFT saves target_modules from a set: its order follows the hash seed, so two runs of the
     same params would give adapters with different DVC hashes unless the list is sorted."""
-    from stages.lib.adapter import write_adapter_config
+    from stages.lib.adapter_meta import write_adapter_config
 
     (tmp_path / "adapter_config.json").write_text(
         json.dumps({"target_modules": ["value", "query"], "base_model_name_or_path": "models/base"}))

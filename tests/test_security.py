@@ -189,7 +189,7 @@ def test_malformed_pipeline_json_is_one_line(pipeline: Pipeline, tmp_path: Path,
 
 
 def test_schema_round_trip(pipeline: Pipeline, tmp_path: Path) -> None:
-    from stages.lib.adapter import AdapterMeta
+    from stages.lib.adapter_meta import AdapterMeta
 
     meta = AdapterMeta.load(pipeline.export / "pipeline.json")
     meta.save(tmp_path / "pipeline.json")

@@ -113,7 +113,7 @@ def test_merged_export_loads_without_peft_and_gives_the_adapter_logits(sft_run: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.adapter import AdapterMeta
+    from stages.lib.adapter_meta import AdapterMeta
     from stages.lib.quantized import load_base
 
     merged_dir = sft_run.export / "merged"

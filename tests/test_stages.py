@@ -18,7 +18,8 @@ import torch
 
 from helpers import LABELS, Pipeline, error_message, leftovers, run_stage
 from stages.cli import predict
-from stages.lib.adapter import AdapterMeta, load_adapter
+from stages.lib.adapter import load_adapter
+from stages.lib.adapter_meta import AdapterMeta
 from stages.lib.batches import PackedTokens, predict_logits
 from stages.lib.io import sha256_file
 from stages.lib.quantized import load_base
