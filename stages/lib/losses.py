@@ -126,28 +126,38 @@ CHUNK_TOKENS = 1024
 
 class ChunkedCausalLM(torch.nn.Module):
     """A causal LM (or peft model of one) whose forward returns only the chunked loss: what the
-    training loop calls (DDP wraps this module, so its gradients are averaged as the model's)."""
+    training loop calls for causal-lm and sft (DDP wraps this module, so its gradients are
+    averaged as the model's). It takes the batches the model itself would: token blocks, padded
+    rows (attention_mask) and packed rows (position_ids restarting per example, and with varlen
+    attention cu_seq_lens_q/k and max_length_q/k)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int = CHUNK_TOKENS):
         super().__init__()
         self.model, self.chunk_tokens = model, chunk_tokens
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None,
-                num_items: int | torch.Tensor | None = None) -> Any:
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                num_items: int | torch.Tensor | None = None, **attention_kwargs: Any) -> Any:
         """`num_items`: divide the summed loss by it (a whole optimizer step's predicted tokens)
-        instead of taking the mean over this batch's."""
+        instead of taking the mean over this batch's. `attention_kwargs` go to the decoder as
+        they would through the model's own forward (varlen's example boundaries)."""
         from transformers.modeling_outputs import CausalLMOutput
 
-        return CausalLMOutput(loss=chunked_causal_lm_loss(self.model, input_ids, labels, attention_mask,
-                                                          num_items=num_items, chunk_tokens=self.chunk_tokens))
+        loss = chunked_causal_lm_loss(self.model, input_ids, labels, attention_mask, position_ids=position_ids,
+                                      num_items=num_items, chunk_tokens=self.chunk_tokens, **attention_kwargs)
+        return CausalLMOutput(loss=loss)
 
 
 def chunked_causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                           attention_mask: torch.Tensor | None = None,
-                           num_items: int | torch.Tensor | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
-    """`model(input_ids, labels=labels).loss` for a causal LM (or a peft model of one), without
-    the model ever producing full logits."""
+                           attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                           num_items: int | torch.Tensor | None = None, chunk_tokens: int = 1024,
+                           **attention_kwargs: Any) -> torch.Tensor:
+    """`model(input_ids, labels=labels, attention_mask=..., position_ids=..., **attention_kwargs).loss`
+    for a causal LM (or a peft model of one), without the model ever producing full logits.
+    position_ids and attention_kwargs reach the decoder unchanged, so packed rows attend within
+    their examples exactly as under the model's own forward (SDPA's block mask built from the
+    restarting position_ids, or varlen attention's cu_seq_lens)."""
     body, head = output_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  **attention_kwargs).last_hidden_state
     return causal_lm_loss(hidden, head.weight, labels, num_items, chunk_tokens)

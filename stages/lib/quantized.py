@@ -238,7 +238,7 @@ def checkpoint_every(model: torch.nn.Module, every: int) -> int:
 def compile_for_training(model: torch.nn.Module, task: str) -> torch.nn.Module:
     """torch.compile for train.compile. A decoder (causal-lm, sft) compiles each decoder layer
     in place: one small graph reused by every layer, compiled in seconds however deep the model,
-    and its output layer stays outside (causal-lm: for the chunked loss). Other models compile as
+    and its output layer stays outside (for the chunked loss). Other models compile as
     one graph, which runs faster than regions for small encoders (docs/performance.md)."""
     if task not in DECODER_TASKS:
         return torch.compile(model)

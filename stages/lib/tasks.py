@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from stages.lib.batches import PackedTokens, TokenBlocks, pad_multiple, predict_logits
-from stages.lib.losses import CHUNK_TOKENS, ChunkedCausalLM, causal_lm_loss, output_head
+from stages.lib.losses import CHUNK_TOKENS, ChunkedCausalLM, causal_lm_loss, chunked_causal_lm_loss, output_head
 from stages.lib.packing import ChatTokens, prepare_for_packing, uses_varlen
 from stages.lib.params import Task
 from stages.lib.tokenized import ChatTargets
@@ -50,9 +50,10 @@ class Objective:
         return scores[self.metric] > best[self.metric]
 
     def loss_module(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What the training loop calls for a loss: a causal LM through the chunked
-        cross-entropy (never the full fp32 logits), other models as they are."""
-        return ChunkedCausalLM(model) if self.type == "causal-lm" else model
+        """What the training loop calls for a loss: a decoder (causal-lm, sft) through the chunked
+        cross-entropy (never the full fp32 logits), with the batch as the model would take it
+        (sft's packed rows: position_ids, varlen's boundaries); other models as they are."""
+        return ChunkedCausalLM(model) if self.type in ("causal-lm", "sft") else model
 
     def prepare(self, model: torch.nn.Module, packed: bool) -> None:
         """Set the loaded base up for this task's training batches: sft trains without a cache,
@@ -164,16 +165,14 @@ def language_model_scores(model: torch.nn.Module, blocks: TokenBlocks, batch_siz
 def response_scores(model: torch.nn.Module, chats: ChatTokens, batch_size: int, device: torch.device,
                     dtype: torch.dtype, desc: str = "score") -> dict[str, float]:
     """Mean cross-entropy per labelled (response) token, and its exp; packed or not, the same
-    targets, so the same numbers."""
+    targets, so the same numbers. The loss is the chunked one (lib/losses.py), as in training:
+    the full fp32 logits are never built."""
     total, count = 0.0, 0
     for start in tqdm(range(0, len(chats), batch_size), desc=desc, unit="batch", disable=None, leave=False):
         inputs = chats.batch(range(start, min(start + batch_size, len(chats))))
-        labels = inputs.pop("labels")[:, 1:]  # position t predicts token t + 1
-        with autocast(device, dtype):
-            logits = model(**inputs).logits[:, :-1]
-        total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                                   ignore_index=-100, reduction="sum").item()
-        count += int((labels != -100).sum())
+        with autocast(device, dtype):  # position t predicts token t + 1; num_items 1: the sum
+            total += chunked_causal_lm_loss(model, **inputs, num_items=1, chunk_tokens=CHUNK_TOKENS).item()
+        count += int((inputs["labels"][:, 1:] != -100).sum())
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
