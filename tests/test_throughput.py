@@ -52,7 +52,7 @@ def test_each_epoch_reports_the_mean_of_its_own_steps(pipeline: Pipeline, tmp_pa
 
     timing = read_json(every_ten.metrics / "train" / "timing.json")
     assert set(timing) == {"train_time_s", "warmup_s", "samples_per_s", "first_step_s", "peak_memory_mb"}  # no tokens: classifier
-    assert 0 < timing["first_step_s"] < 600
+    assert timing["first_step_s"] > 0  # from the process start: in a test, pytest's
     assert timing["warmup_s"] > 0 and timing["samples_per_s"] > 0
 
 
@@ -83,6 +83,10 @@ def test_throughput_counts_only_the_steps_after_warm_up(monkeypatch) -> None:
     report = speed.report(with_tokens=True, now=55.0)
     assert report == {"warmup_s": 50.0, "samples_per_s": round(80 / 4.0, 2), "tokens_per_s": 250.0}
     assert describe(report) == "warm-up 50.0 s, then 20.0 samples/s, 250 tokens/s"
+    # the first step ended at 50 s; a process that started 4 s before the stage's clock began
+    assert speed.first_unit_s(process_started=-4.0) == 54.0
+    assert describe({**report, "first_step_s": 54.0}) == (
+        "first step done 54.0 s after the process started; warm-up 50.0 s, then 20.0 samples/s, 250 tokens/s")
 
     # resumed after a kill: the new process warms up again; both stretches count
     clock.now = 100.0
@@ -95,6 +99,7 @@ def test_throughput_counts_only_the_steps_after_warm_up(monkeypatch) -> None:
 
 def test_a_run_within_its_warm_up_has_no_rate() -> None:
     speed = Throughput(torch.device("cpu"), warmup=3, started=0.0)
+    assert speed.first_unit_s(process_started=0.0) is None  # nothing done yet
     speed.done(8)
     report = speed.report(with_tokens=False, now=5.0)
     assert report == {"warmup_s": 5.0, "samples_per_s": None}
@@ -223,6 +228,6 @@ def test_evaluate_reports_warm_up_and_does_not_compile_with_auto_on_the_cpu(
     assert "evaluate.compile: auto: not compiling on the cpu (torch.compile pays on GPUs only)" in err
     timing = read_json(run.metrics / "evaluate" / "timing.json")
     assert set(timing) == {"eval_time_s", "warmup_s", "samples_per_s", "first_batch_s"}
-    assert 0 < timing["first_batch_s"] < 600
+    assert timing["first_batch_s"] > 0  # from the process start: in a test, pytest's
     assert timing["warmup_s"] > 0 and timing["samples_per_s"] > 0
     assert re.search(r"evaluate: 24 test rows, .*; warm-up \d+\.\d s, then [\d,.]+ samples/s", err)
