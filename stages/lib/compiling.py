@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from stages.lib.io import user_cache_dir
+
 log = logging.getLogger("qlora")
 
 # Training: torch.compile of the whole model, one GPU (docs/performance.md#when-compiling-pays).
@@ -94,8 +96,7 @@ def compile_cache_dir() -> Path:
     chosen = os.environ.get(CACHE_ENV)
     if chosen and os.path.abspath(chosen) != os.path.abspath(torch_default_cache_dir()):
         return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qlora-pipeline" / "torch-compile"
+    return user_cache_dir() / "torch-compile"
 
 
 def use_compile_cache() -> Path:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from stages.lib.io import user_cache_dir
 from stages.lib.params import DEVICE_CHOICES, DEVICE_PATTERN, UserError
 
 log = logging.getLogger("qlora")
@@ -52,8 +53,7 @@ def lock_dir(env: MutableMapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get(LOCK_DIR_ENV):
         return Path(env[LOCK_DIR_ENV])
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qlora-pipeline" / "gpu-locks" / socket.gethostname()
+    return user_cache_dir(env) / "gpu-locks" / socket.gethostname()
 
 
 def cuda_device_count() -> int:

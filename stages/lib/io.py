@@ -20,13 +20,22 @@ import stat
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from stages.lib.params import UserError
 
 log = logging.getLogger("qlora")
+
+
+def user_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """qlora-pipeline's folder in the user's cache directory: $XDG_CACHE_HOME, or ~/.cache where
+    it is unset or empty (as the XDG spec says); outside the repository, so every run and every
+    queued experiment's temporary copy of it shares what is kept there."""
+    env = os.environ if env is None else env
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlora-pipeline"
+
 
 # Speed figures (samples/s, seconds, peak memory) of a stage: beside its metrics.json, not in it,
 # because they change from run to run while the metrics must not.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 import re
 import shutil
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.lib.io import check_sha256_record, sha256_file, verify_sha256
+from stages.lib.io import check_sha256_record, sha256_file, user_cache_dir, verify_sha256
 from stages.lib.params import UserError
 
 PACKAGE_PREFIX = "package:"
@@ -241,7 +240,7 @@ def random_init_model(config_dir: Path) -> Path:
 
     files = sorted(f for f in config_dir.iterdir() if f.is_file() and f.suffix in (".json", ".txt", ".model"))
     key = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files)).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-pipeline" / "random-init"
+    cache = user_cache_dir() / "random-init"
     # CPU and CUDA generators draw different numbers: one directory per device type
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache.mkdir(parents=True, exist_ok=True)
