@@ -56,15 +56,15 @@ def test_recipes_carry_the_issue_settings() -> None:
 
 
 def test_llama_preset_composes_over_the_causal_lm_recipe() -> None:
-    """`dvc exp run -S task=causal-lm -S +preset=llama-3.1-8b`: DVC groups the -S overrides as its
+    """`dvc exp run -S task=causal-lm -S preset=llama-3.1-8b`: DVC groups the -S overrides as its
     CLI does and composes them with Hydra; the preset also selects the causal-LM recipe itself."""
     from dvc.utils.cli_parse import to_path_overrides
 
     from stages.lib.params import validate
 
-    (overrides,) = to_path_overrides(["task=causal-lm", "+preset=llama-3.1-8b"]).values()
+    (overrides,) = to_path_overrides(["task=causal-lm", "preset=llama-3.1-8b"]).values()
     params = compose(overrides)
-    assert params == compose(["+preset=llama-3.1-8b"])
+    assert params == compose(["preset=llama-3.1-8b"])
     flat = validate(params)
     assert flat["task.type"] == "causal-lm" and flat["data.source"] == "data/tiny_shakespeare"
     assert flat["model.name_or_path"] == "random-init:configs/llama-3.1-8b"
@@ -74,7 +74,7 @@ def test_llama_preset_composes_over_the_causal_lm_recipe() -> None:
     assert flat["train.batch_size"] == 8 and flat["train.compile"] and flat["train.gradient_checkpointing"] is True
     assert (flat["train.gradient_accumulation_steps"], flat["train.checkpoint_every_n_layers"]) == (4, 3)
     assert flat["quant.cache_dequantized"] is False  # the base stays in 4 bits
-    assert compose(["task=causal-lm", "+preset=llama-3.1-8b", "train.gradient_checkpointing=offload",
+    assert compose(["task=causal-lm", "preset=llama-3.1-8b", "train.gradient_checkpointing=offload",
                     "train.checkpoint_every_n_layers=1"])["train"]["gradient_checkpointing"] == "offload"
 
 
