@@ -116,3 +116,33 @@ def test_autocast_runs_the_head_in_the_autocast_dtype() -> None:
     for a, b in zip(_grads(chunked, h, w), _grads(plain, h, w), strict=True):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+def test_a_short_batch_filled_up_has_the_loss_and_gradients_of_its_own_blocks() -> None:
+    """TokenBlocks.batch(indices, rows): the training loop fills a short last batch up to the usual
+    micro-batch when the model is compiled (one shape, no recompilation); the added rows carry
+    no labels, so the loss and the LoRA gradients are those of the real blocks alone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stages.lib.batches import TokenBlocks
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / "configs/tiny-llama"),
+                                             dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM", init_lora_weights=False))
+    blocks = TokenBlocks(torch.randint(0, 4096, (5, 9), generator=torch.Generator().manual_seed(2)).tolist(),
+                         torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    alone, filled = blocks.batch([3]), blocks.batch([3], rows=4)
+    assert filled["input_ids"].shape == (4, 9) and (filled["labels"][1:] == -100).all()
+    assert torch.equal(filled["labels"][0], alone["labels"][0])
+    losses, grads = [], []
+    for batch in (alone, filled):
+        loss = chunked_causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, trainable))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert blocks.batch([0, 1], rows=2)["input_ids"].shape == (2, 9)  # a full batch is left as it is

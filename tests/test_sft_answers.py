@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from sft_helpers import stand_in_decoder, stand_in_tokenizer, tiny_llama
+from sft_helpers import ROOT, stand_in_decoder, stand_in_tokenizer, tiny_llama
 
 from stages.lib.answers import generate_answer_ids, generate_answers, normalise, score_answers
 from stages.lib.chat import Conversation
@@ -66,3 +66,31 @@ def test_generation_stops_at_eos(tokenizer) -> None:
         model.lm_head.weight.zero_()
     score, records = score_answers(TESTS[:1], lambda p: generate_answers(model, tokenizer, p, 4, 1))
     assert records[0]["prediction"] == "" and score == 0.0
+
+
+def test_generation_never_picks_ids_the_tokenizer_has_no_text_for() -> None:
+    """A stand-in tokenizer smaller than the architecture's vocabulary (configs/llama-3.1-8b's) or
+    a vocabulary padded to a round size: the ids past len(tokenizer) decode to nothing, so
+    generation suppresses them, even where the output layer favours them."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.answers import ids_without_text
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "configs/tiny-llama")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = AutoConfig.from_pretrained(ROOT / "configs/tiny-llama")
+    config.vocab_size = len(tokenizer) + 50
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # textless rows ±w, ids 7 and 8 ±w/2, the rest 0: a textless id is every argmax
+        w = torch.randn(config.hidden_size)
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[len(tokenizer):] = torch.stack([w, -w]).repeat(25, 1)
+        head[7], head[8] = w / 2, -w / 2
+    assert ids_without_text(model, tokenizer) == list(range(len(tokenizer), len(tokenizer) + 50))
+    prompt = tokenizer("hello", return_tensors="pt")
+    plain = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert plain[0, prompt["input_ids"].shape[1]:].min() >= len(tokenizer)  # unsuppressed: textless
+    (ids,) = generate_answer_ids(model, tokenizer, [[{"role": "user", "content": "hello"}]], 4, batch_size=1)
+    assert len(ids) == 4 and set(ids) <= {7, 8}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from stages.lib.adapter_meta import ADAPTER_META_FILE, ADAPTER_WEIGHTS, AdapterMeta, read_adapter_meta
+from stages.lib.answers import ids_without_text
 from stages.lib.batches import StreamedTokens, encode_truncated, pad_multiple, predict_logits
 from stages.lib.compiling import use_compile_cache
 from stages.lib.fast_bert import first_token_last_layer, fuse_gelu_epilogue
@@ -77,10 +78,12 @@ class LanguageModel(Trained):
     def generate_ids(self, prompts: Sequence[str], max_new_tokens: int, do_sample: bool = True,
                      temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> list[list[int]]:
         """The token ids each prompt continues with: exactly max_new_tokens of them (no early
-        stop at eos), sampled with a fixed seed (or greedy), one prompt at a time."""
+        stop at eos), sampled with a fixed seed (or greedy), one prompt at a time; never ids
+        the tokenizer has no text for (answers.ids_without_text)."""
         if self.task not in ("causal-lm", "sft"):
             raise UserError(f"a {self.task} adapter cannot generate text (causal-lm and sft adapters only)")
         outputs = []
+        textless = ids_without_text(self.model, self.tokenizer) or None
         for prompt in prompts:
             ids = self.tokenizer(prompt, return_tensors="pt").to(self.device)
             torch.manual_seed(seed)
@@ -88,7 +91,7 @@ class LanguageModel(Trained):
                 out = self.model.generate(**ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                                           do_sample=do_sample, temperature=temperature if do_sample else None,
                                           top_k=top_k if do_sample else None, top_p=None,
-                                          pad_token_id=self.tokenizer.pad_token_id)
+                                          pad_token_id=self.tokenizer.pad_token_id, suppress_tokens=textless)
             outputs.append(out[0, ids["input_ids"].shape[1]:].tolist())
         return outputs
 

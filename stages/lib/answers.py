@@ -20,6 +20,15 @@ from stages.lib.chat import Conversation, prompt_and_answer
 Answerer = Callable[[Sequence[Conversation]], list[str]]
 
 
+def ids_without_text(model: torch.nn.Module, tokenizer) -> list[int]:
+    """The output ids past the tokenizer's vocabulary: rows a model's output layer has beyond
+    len(tokenizer) (vocabularies padded to a round size, or a stand-in tokenizer smaller than the
+    architecture's vocabulary). They decode to no text and no data trains them, so generation
+    never picks them (generate's suppress_tokens)."""
+    vocab = getattr(model.config, "vocab_size", None) or len(tokenizer)
+    return list(range(len(tokenizer), vocab))
+
+
 def normalise(text: str) -> str:
     return text.strip().casefold()
 
@@ -36,6 +45,7 @@ def generate_answer_ids(model: torch.nn.Module, tokenizer, prompts: Sequence[Con
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[list[int]] = [[] for _ in encoded]
+    textless = ids_without_text(model, tokenizer) or None
     training = model.training
     model.eval()
     try:
@@ -49,7 +59,8 @@ def generate_answer_ids(model: torch.nn.Module, tokenizer, prompts: Sequence[Con
                 mask[row, width - len(encoded[i]):] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=pad_id, use_cache=True, temperature=None, top_k=None, top_p=None)
+                                 pad_token_id=pad_id, use_cache=True, temperature=None, top_k=None, top_p=None,
+                                 suppress_tokens=textless)
             for row, i in enumerate(batch):
                 new = out[row, width:].tolist()
                 answers[i] = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new

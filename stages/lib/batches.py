@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages.lib.losses import IGNORE_INDEX
 from stages.lib.quantized import autocast
 
 
@@ -198,9 +199,17 @@ class TokenBlocks:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def batch(self, indices: Sequence[int], rows: int = 0) -> dict[str, torch.Tensor]:
+        """The blocks `indices`; with `rows` > len(indices), filled up to `rows` with copies of
+        the first block that carry no labels: the loss and gradients are those of `indices`
+        alone, and a compiled model sees the shape of every other batch (a short last batch
+        would otherwise recompile each compiled layer)."""
         ids = self.ids[list(indices)]
         inputs, labels = self.mask.torch_mask_tokens(ids.clone()) if self.mask else (ids, ids)
+        if rows > len(indices):
+            fill = rows - len(indices)
+            inputs = torch.cat([inputs, inputs[:1].expand(fill, -1)])
+            labels = torch.cat([labels, torch.full((fill, labels.shape[1]), IGNORE_INDEX, dtype=labels.dtype)])
         return {"input_ids": inputs.to(self.device), "attention_mask": torch.ones_like(inputs).to(self.device),
                 "labels": labels.to(self.device)}
 

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from stages import STARTED
-from stages.lib.batches import length_grouped_batches
+from stages.lib.batches import TokenBlocks, length_grouped_batches
 from stages.lib.checkpoint import Checkpoint, rng_states, set_rng_states
 from stages.lib.compiling import (TRAIN_COMPILE_S, TRAIN_SAVED_S, decide_compile,
                                   parameter_total, use_compile_cache)
@@ -136,6 +136,10 @@ class TrainingLoop:
         # a decoder per layer (lib/quantized.compile_for_training). DDP goes around the compiled
         # model, so no DDP hooks are inside it. A causal LM's loss is the chunked one.
         model = compile_for_training(self.model, self.objective.type) if decision.compile else self.model
+        # token blocks all have one width: a short last batch is filled up to the usual micro-batch
+        # (rows without labels) rather than recompiling every compiled layer for its shape
+        self.fill_rows = (cfg.batch_size // processes.count // cfg.gradient_accumulation_steps
+                          if decision.compile and isinstance(self.train_tokens, TokenBlocks) else 0)
         self.forward = processes.wrap(self.objective.loss_module(model))
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(cfg.optimizer, self.trainable.values(), lr=cfg.lr,
@@ -190,7 +194,8 @@ class TrainingLoop:
         for i, rows in enumerate(micro_batches):
             with self.processes.no_sync(self.forward, i < len(micro_batches) - 1):
                 with autocast(self.device, self.dtype):
-                    micro_loss = self.forward(**self.train_tokens.batch(rows)).loss / len(micro_batches)
+                    batch = self.train_tokens.batch(rows, self.fill_rows) if self.fill_rows else self.train_tokens.batch(rows)
+                    micro_loss = self.forward(**batch).loss / len(micro_batches)
                 micro_loss.backward()
             loss += micro_loss.detach()
         self.epoch_loss += loss
