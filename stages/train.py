@@ -150,10 +150,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     n_trainable, n_all = model.get_nb_trainable_parameters()
     log.info("model %s, quant %s, device %s, compute %s: %d trainable of %d parameters (%.3f%%)",
              origin["name_or_path"], quant.type, device, dtype, n_trainable, n_all, 100 * n_trainable / n_all)
-    # Resume only a run of these params, data, base model and code.
+    # Resume only a run of these params, data, base model and code. The base counts through its
+    # SOURCE.json, whose sha256 record load_base has just checked every base file against:
+    # hashing the weights again would read an 8B base's 16 GB a second time.
     code = Path(__file__).parent
     checkpoint = processes.share(Checkpoint(args.checkpoint_dir, fingerprint(
-        dict(p), [Path(args.data), base_dir, code / "train.py", *(code / "lib").glob("*.py")])))
+        dict(p), [Path(args.data), base_dir / SOURCE_FILE, code / "train.py", *(code / "lib").glob("*.py")])))
     loop = functools.partial(TrainingLoop, model, data, tokenizer.pad_token_id, tokenized.min_width, cfg,
                              objective, device=device, dtype=dtype, checkpoint=checkpoint,
                              processes=processes, started=started)

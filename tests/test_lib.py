@@ -239,3 +239,25 @@ def test_first_token_last_layer_keeps_classifier_logits() -> None:
     flex, _, _ = tiny_bert_classifier()
     flex.config._attn_implementation = "flex_attention"  # its mask is not a 4-D tensor
     assert not first_token_last_layer(flex)
+
+
+def test_sha256_files_hashes_in_order_and_verify_names_the_changed_file(tmp_path: Path) -> None:
+    """Base files are hashed several at a time (lib.io.sha256_files); each digest must still be
+    that file's, in the order given, and one flipped byte among many files is found and named."""
+    import hashlib
+
+    from stages.lib.io import sha256_files, verify_sha256
+
+    paths = []
+    for i in range(9):
+        paths.append(tmp_path / f"model-{i:05d}.safetensors")
+        paths[-1].write_bytes(bytes([i]) * (300_000 + 7 * i))
+    digests = sha256_files(paths)
+    assert digests == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    record = {p.name: d for p, d in zip(paths, digests)}
+    verify_sha256(tmp_path, record, tmp_path / "SOURCE.json")
+    data = bytearray(paths[6].read_bytes())
+    data[1234] ^= 1
+    paths[6].write_bytes(bytes(data))
+    with pytest.raises(UserError, match="model-00006.safetensors: corrupt or modified"):
+        verify_sha256(tmp_path, record, tmp_path / "SOURCE.json")

@@ -194,8 +194,8 @@ class TrainingLoop:
         for i, rows in enumerate(micro_batches):
             with self.processes.no_sync(self.forward, i < len(micro_batches) - 1):
                 with autocast(self.device, self.dtype):
-                    batch = self.train_tokens.batch(rows, self.fill_rows) if self.fill_rows else self.train_tokens.batch(rows)
-                    micro_loss = self.forward(**batch).loss / len(micro_batches)
+                    inputs = self.train_tokens.batch(rows, self.fill_rows) if self.fill_rows else self.train_tokens.batch(rows)
+                    micro_loss = self.forward(**inputs).loss / len(micro_batches)
                 micro_loss.backward()
             loss += micro_loss.detach()
         self.epoch_loss += loss

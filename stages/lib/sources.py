@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.lib.io import check_sha256_record, sha256_file, user_cache_dir, verify_sha256
+from stages.lib.io import check_sha256_record, sha256_files, user_cache_dir, verify_sha256
 from stages.lib.params import UserError
 
 PACKAGE_PREFIX = "package:"
@@ -300,10 +300,10 @@ def load_tokenizer(directory: str | Path):
 
 def copy_model_files(src: Path, dst: Path) -> dict[str, str]:
     """Copy config, safetensors weights and tokenizer files; return their sha256 by name."""
-    hashes = {}
+    names = []
     for pattern in MODEL_FILE_PATTERNS:
         for f in sorted(src.glob(pattern)):
             if f.is_file():
                 shutil.copyfile(f, dst / f.name)  # follows the hub cache's symlinks
-                hashes[f.name] = sha256_file(dst / f.name)
-    return hashes
+                names.append(f.name)
+    return dict(zip(names, sha256_files([dst / name for name in names])))
