@@ -32,7 +32,9 @@ benchmarks/scaling_llm.py runs the same loading and loop on several GPUs under D
 Figures per recipe: steady-state tokens/s (steps after --warmup-steps; load and warm-up time are
 reported separately), peak GiB (torch.cuda.max_memory_allocated, reset between recipes; paged
 optimizer states live in CUDA managed memory, outside that count), MFU (FLOPs counted as stated
-in the JSON's `flops`), and the losses. Each section is fail-soft: an error is recorded in the
+in the JSON's `flops`), and the losses. --profile adds the last step's kernel table, --memory what
+was allocated at the last step's peak by allocation site (both steps left out of the rate). Each
+section is fail-soft: an error is recorded in the
 JSON and the script goes on; the JSON is rewritten after every section.
 """
 
@@ -330,13 +332,48 @@ def kernel_profile(prof, rows: int = 25) -> dict[str, Any]:
                             f"x{e.count:<6d} {e.key[:110]}" for e in top]}
 
 
+def allocation_site(frames: list[dict[str, Any]]) -> str:
+    """Where an allocation came from: the two innermost Python frames outside torch's own package
+    (our code, transformers, peft, bitsandbytes, or a compiled graph's generated module)."""
+    outside = [f for f in frames if "site-packages/torch/" not in f.get("filename", "")][:2]
+    return " < ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in outside) or "torch internals"
+
+
+def memory_at_peak(trace: list[dict[str, Any]], before: int, rows: int = 20) -> dict[str, Any]:
+    """Replay one step's CUDA allocator trace (torch.cuda.memory._snapshot()'s device_traces):
+    what was allocated at the step's peak, summed by allocation site. `before` is what was
+    allocated when the trace began (weights, LoRA, optimizer states): it is not in the trace."""
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = before
+    at_peak: dict[int, tuple[int, str]] = {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], allocation_site(event.get("frames", [])))
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, dict(live)
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            current -= live.pop(event["addr"])[0]
+    sites: dict[str, list[int]] = {}
+    for size, site in at_peak.values():
+        total = sites.setdefault(site, [0, 0])
+        total[0] += size
+        total[1] += 1
+    top = sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]
+    return {"before_step_gib": round(before / 2**30, 3), "peak_gib": round(peak / 2**30, 3),
+            "step_peak_over_before_gib": round((peak - before) / 2**30, 3),
+            "at_peak_by_site": [f"{total / 2**30:7.3f} GiB x{count:<5d} {site}" for site, (total, count) in top]}
+
+
 def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: int, args: argparse.Namespace,
                device: torch.device, dtype: torch.dtype, label: str, deadline: float,
                profile: dict[str, Any] | None = None,
-               processes: Processes | None = None) -> tuple[list[float], list[float]]:
+               processes: Processes | None = None,
+               memory: dict[str, Any] | None = None) -> tuple[list[float], list[float]]:
     """The written-out loop: micro-batches, chunked loss over the step's predicted tokens,
     clipping, optimizer step. Returns per-step seconds and losses. With `profile` (a dict to
-    fill), the last step runs under torch.profiler and its kernel table goes there.
+    fill), the last step runs under torch.profiler and its kernel table goes there; with `memory`
+    (a dict), the allocator's trace of the last step is replayed into what was live at its peak.
 
     With `processes` (DDP workers, benchmarks/scaling_llm.py), `data` holds this worker's own
     blocks, `variant` its share of each step. DDP averages the LoRA gradients once per step,
@@ -360,6 +397,10 @@ def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: 
         if profile is not None and step == steps - 1 and device.type == "cuda":
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             profiler.__enter__()
+        recording = memory is not None and step == steps - 1 and device.type == "cuda"
+        if recording:
+            before = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
         step_blocks = data[step * per_step:(step + 1) * per_step]
         num_items = predicted_tokens(step_blocks)
         total = torch.zeros((), device=device)
@@ -378,6 +419,11 @@ def train_ours(model, data: list[torch.Tensor], variant: dict[str, Any], steps: 
         if profiler is not None:
             profiler.__exit__(None, None, None)
             profile.update(kernel_profile(profiler), step=step + 1)
+        if recording:
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            memory.update(memory_at_peak(snapshot["device_traces"][torch.cuda.current_device()], before),
+                          step=step + 1)
         now = time.perf_counter()
         seconds.append(now - last)
         last = now
@@ -402,12 +448,14 @@ def run_ours(model_dir: Path, data: list[torch.Tensor], variant: dict[str, Any],
     model = load_ours(model_dir, device, dtype, variant)
     sync(device)
     load_s = time.perf_counter() - t0
+    after_load_gib = round(torch.cuda.memory_allocated() / 2**30, 3) if device.type == "cuda" else None
     profile: dict[str, Any] | None = {} if args.profile else None
+    memory: dict[str, Any] | None = {} if args.memory else None
     seconds, losses = train_ours(model, data, variant, steps, args, device, dtype, f"ours[{variant['name']}]",
-                                 deadline, profile)
+                                 deadline, profile, memory=memory)
     block = len(data[0])
-    # a profiled last step runs slower (the profiler's own cost): out of the steady-state figure
-    timed = seconds[:-1] if profile else seconds
+    # a profiled or memory-traced last step runs slower (their own cost): out of the steady-state figure
+    timed = seconds[:-1] if profile or memory else seconds
     out = summarise(timed, losses, variant["batch"] * variant["accumulation"] * block, args.warmup_steps,
                     flops_per_token(config, block, recomputed_share(variant, config)), device)
     out.update(load_s=round(load_s, 2), settings={**variant, "block": block, "optimizer": args.optimizer,
@@ -415,6 +463,8 @@ def run_ours(model_dir: Path, data: list[torch.Tensor], variant: dict[str, Any],
                                                   "dtype": str(dtype), "cache_dequantized": False})
     if profile:
         out["profile_last_step"] = {**profile, "step_seconds_with_profiler": round(seconds[-1], 4)}
+    if memory:
+        out["memory_last_step"] = {"allocated_after_load_gib": after_load_gib, **memory}
     del model
     return out
 
@@ -509,6 +559,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--llama70b-variant", default="1x1+ckpt")
     p.add_argument("--profile", action="store_true",
                    help="profile each ours variant's last step (GPU): kernel time by operator into the JSON")
+    p.add_argument("--memory", action="store_true",
+                   help="replay the allocator trace of each ours variant's last step: what is live at its peak, by site")
     p.add_argument("--time-budget", type=float, default=0.0,
                    help="seconds; when spent, training loops stop early and later sections are skipped (0: none)")
     p.add_argument("--smoke", action="store_true",

@@ -51,3 +51,31 @@ def test_a_failing_section_is_recorded_and_the_rest_runs(tmp_path: Path) -> None
     assert "chunk_tokens must be >= 1" in results["sections"]["ours[4x1]"]["error"]
     assert "chunk_tokens must be >= 1" in results["sections"]["llama70b"]["error"]
     assert "wall_s" in results
+
+
+def test_memory_at_peak_replays_the_allocator_trace() -> None:
+    """--memory: what is live at the step's peak, by the innermost frames outside torch. The
+    trace: A (1 GiB, two blocks from one site) and B (3 GiB) live together at the peak; C (3.5 GiB)
+    comes after A and B are freed, so the peak is before + 4 GiB with A and B, not with C."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from llm import memory_at_peak
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    gib = 2**30
+
+    def frames(*sites: str) -> list[dict]:
+        torch_frame = {"filename": "/x/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"}
+        return [torch_frame] + [{"filename": f"/repo/{s}.py", "line": 7, "name": s} for s in sites]
+
+    trace = [{"action": "alloc", "addr": 1, "size": gib // 2, "frames": frames("a", "loop")},
+             {"action": "alloc", "addr": 2, "size": gib // 2, "frames": frames("a", "loop")},
+             {"action": "alloc", "addr": 3, "size": 3 * gib, "frames": frames("b")},
+             {"action": "free_requested", "addr": 1}, {"action": "free_completed", "addr": 1},
+             {"action": "free_requested", "addr": 2}, {"action": "free_requested", "addr": 3},
+             {"action": "alloc", "addr": 4, "size": 7 * gib // 2, "frames": frames("c")}]
+    out = memory_at_peak(trace, before=2 * gib)
+    assert (out["before_step_gib"], out["peak_gib"], out["step_peak_over_before_gib"]) == (2.0, 6.0, 4.0)
+    assert [line.split(maxsplit=3)[2:] for line in out["at_peak_by_site"]] == [
+        ["x1", "b.py:7 b"], ["x2", "a.py:7 a < loop.py:7 loop"]]
