@@ -17,6 +17,7 @@ micro-batches whose gradients add up before the one optimizer step: again the gl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -138,8 +139,10 @@ class TrainingLoop:
         model = compile_for_training(self.model, self.objective.type) if decision.compile else self.model
         # token blocks all have one width: a short last batch is filled up to the usual micro-batch
         # (rows without labels) rather than recompiling every compiled layer for its shape
-        self.fill_rows = (cfg.batch_size // processes.count // cfg.gradient_accumulation_steps
-                          if decision.compile and isinstance(self.train_tokens, TokenBlocks) else 0)
+        fill = decision.compile and isinstance(self.train_tokens, TokenBlocks)
+        self.micro_batch = (functools.partial(self.train_tokens.batch,
+                                              rows=cfg.batch_size // processes.count // cfg.gradient_accumulation_steps)
+                            if fill else self.train_tokens.batch)
         self.forward = processes.wrap(self.objective.loss_module(model))
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(cfg.optimizer, self.trainable.values(), lr=cfg.lr,
@@ -194,8 +197,7 @@ class TrainingLoop:
         for i, rows in enumerate(micro_batches):
             with self.processes.no_sync(self.forward, i < len(micro_batches) - 1):
                 with autocast(self.device, self.dtype):
-                    inputs = self.train_tokens.batch(rows, self.fill_rows) if self.fill_rows else self.train_tokens.batch(rows)
-                    micro_loss = self.forward(**inputs).loss / len(micro_batches)
+                    micro_loss = self.forward(**self.micro_batch(rows)).loss / len(micro_batches)
                 micro_loss.backward()
             loss += micro_loss.detach()
         self.epoch_loss += loss
