@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from stages.lib.io import atomic_dir, read_json, sha256_file, write_json
+from stages.lib.io import atomic_dir, read_json, sha256_files, write_json
 
 log = logging.getLogger("qlora")
 
@@ -36,9 +36,9 @@ def fingerprint(values: Mapping[str, Any], inputs: Iterable[Path]) -> str:
     h = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
     for root in sorted(Path(p) for p in inputs):
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for path in files:  # names relative to the input: the same run in a copied repo matches
-            name = path.relative_to(root) if root.is_dir() else path.name
-            h.update(f"{name}\0{sha256_file(path)}\0".encode())
+        for path, digest in zip(files, sha256_files(files)):
+            name = path.relative_to(root) if root.is_dir() else path.name  # the same run in a copied repo matches
+            h.update(f"{name}\0{digest}\0".encode())
     return h.hexdigest()
 
 
