@@ -139,10 +139,9 @@ class TrainingLoop:
         model = compile_for_training(self.model, self.objective.type) if decision.compile else self.model
         # token blocks all have one width: a short last batch is filled up to the usual micro-batch
         # (rows without labels) rather than recompiling every compiled layer for its shape
+        micro_rows = cfg.batch_size // processes.count // cfg.gradient_accumulation_steps
         fill = decision.compile and isinstance(self.train_tokens, TokenBlocks)
-        self.micro_batch = (functools.partial(self.train_tokens.batch,
-                                              rows=cfg.batch_size // processes.count // cfg.gradient_accumulation_steps)
-                            if fill else self.train_tokens.batch)
+        self.micro_batch = functools.partial(self.train_tokens.batch, rows=micro_rows) if fill else self.train_tokens.batch
         self.forward = processes.wrap(self.objective.loss_module(model))
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = build_optimizer(cfg.optimizer, self.trainable.values(), lr=cfg.lr,
