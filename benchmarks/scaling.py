@@ -161,10 +161,7 @@ def main() -> None:
             append_jsonl(args.out, record)
     if args.profile:
         profile_steps(model, data, pad_id, cfg, device, dtype, processes, args.profile)
-    processes.wait()
-    if torch.distributed.is_initialized():
-        # release NCCL before exit: a 2-GPU run on the H100s printed its line, then never exited
-        torch.distributed.destroy_process_group()
+    processes.close()  # a 2-GPU run on the H100s printed its line, then never exited without
 
 
 if __name__ == "__main__":

@@ -182,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{processes.count} workers: {record['tokens_per_s']} tokens/s ({per_gpu} per GPU), load "
             f"{record['load_s']} s, warm-up {record['warmup_s']} s (compile ~{record['compile_s']} s), "
             f"peak {record['peak_gib_per_gpu']} GiB; line appended to {args.out}")
-    processes.wait()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # release NCCL before exit (scaling.py saw a hang without)
+    processes.close()
     return 0 if all(math.isfinite(x) for x in losses) else 1
 
 

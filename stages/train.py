@@ -163,7 +163,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if not processes.is_main:  # trains its shards; the main process writes every output
         with memory_hint("train.batch_size", cfg.batch_size, hint):
             loop(live=NullLive()).run()
-        processes.wait()
+        processes.close()
         return 0
     from dvclive import Live  # here, so the loop imports where DVCLive is absent (GPU benchmark)
 
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         with atomic_dir(args.adapter_out) as tmp:
             save_adapter(model, tokenizer, meta, tmp)
     checkpoint.remove()
-    processes.wait()
+    processes.close()
     log.info("train: best validation %s %.4f at step %d; %s -> %s", task.metric,
              summary[f"best_val_{task.metric}"], summary["best_step"], describe(timing), args.adapter_out)
     return 0

@@ -151,6 +151,7 @@ processes = Processes()
 found = processes.share(Checkpoint(sys.argv[1], "stamp")).load(torch.device("cpu"))
 print(json.dumps({"rank": processes.rank, "weights": None if found is None else found[0]["w"].tolist(),
                   "step": None if found is None else found[2]["step"]}))
+processes.close()
 """
 
 

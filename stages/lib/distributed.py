@@ -185,6 +185,15 @@ class Processes:
         if self.count > 1:
             self.accelerator.wait_for_everyone()
 
+    def close(self) -> None:
+        """The last call of a worker that succeeded: wait for every worker, then end the process
+        group. A worker that exits with the group still open can abort on its way out (gloo's
+        threads call std::terminate), and the launcher then counts it failed and the other nodes
+        wait at torch's exit barrier for one that never comes."""
+        if self.count > 1:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()
+
     def share(self, checkpoint: Checkpoint) -> Checkpoint | SharedCheckpoint:
         """`checkpoint` as every worker must see it: the main worker's copy. Only the main
         worker writes checkpoints, so on another host there is none (or an old one).
