@@ -75,6 +75,52 @@ def test_rows_mask_only_padded_batches(store) -> None:
     assert wide["input_ids"].shape == (2, 8) and wide["attention_mask"].sum().item() == 6
 
 
+def test_read_dataset_dict_equals_datasets_load_from_disk(tmp_path: Path) -> None:
+    """The stages read the tokenize stage's DatasetDict with pyarrow alone: the same columns and
+    values as `datasets.load_from_disk`, over several Arrow files per split and every column kind
+    the stages write (id lists, class ids, nested sft targets with None, strings)."""
+    import datasets
+
+    from stages.lib.tokenized import read_dataset_dict
+
+    rows = 50
+    parts = {
+        "train": datasets.Dataset.from_dict({"input_ids": [list(range(i % 7 + 1)) for i in range(rows)],
+                                             "label": [i % 4 for i in range(rows)]}),
+        "test": datasets.Dataset.from_dict({"input_ids": [[i, i + 1] for i in range(rows)],
+                                            "labels": [[-100, i] for i in range(rows)],
+                                            "position_ids": [[0, 1] for _ in range(rows)],
+                                            "conversation": [f'[{{"role": "user", "content": "{i}"}}]'
+                                                             for i in range(rows)]}),
+    }
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "dataset"), num_shards={"train": 3, "test": 2})
+    assert len(list((tmp_path / "dataset" / "train").glob("*.arrow"))) == 3
+    expected = datasets.load_from_disk(str(tmp_path / "dataset"))
+    found = read_dataset_dict(tmp_path / "dataset")
+    assert list(found) == list(expected)
+    for split, part in expected.items():
+        assert found[split] == {name: part[name] for name in part.column_names}
+
+
+def test_read_dataset_dict_names_a_damaged_file(tmp_path: Path) -> None:
+    import datasets
+
+    from stages.lib.tokenized import read_dataset_dict
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1, 2]]})}).save_to_disk(
+        str(tmp_path / "dataset"))
+    arrow = next((tmp_path / "dataset" / "train").glob("*.arrow"))
+    arrow.write_bytes(b"not arrow")
+    with pytest.raises(UserError, match=f"{arrow.name}: expected an Arrow stream file"):
+        read_dataset_dict(tmp_path / "dataset")
+    (tmp_path / "dataset" / "train" / "state.json").write_text("[]")
+    with pytest.raises(UserError, match="state.json: expected _data_files"):
+        read_dataset_dict(tmp_path / "dataset")
+    (tmp_path / "dataset" / "dataset_dict.json").unlink()
+    with pytest.raises(UserError, match="dataset_dict.json: not found"):
+        read_dataset_dict(tmp_path / "dataset")
+
+
 def test_parse_labels_accepts_names_and_ids() -> None:
     assert parse_labels(["Sports", " 3 ", "World", "0"], LABELS, Path("t.csv")) == [1, 3, 0, 0]
 

@@ -1,6 +1,9 @@
 """The tokenize stage's output, data/tokenized: a `datasets` DatasetDict of token ids and
 tokenized.json, the typed record of what those ids are (task, labels, max_length, padding, and
 for sft whether rows are packed and the chat template that rendered them).
+
+Train and evaluate read the DatasetDict's Arrow files with pyarrow: importing `datasets` would
+delay every training run's first step for nothing it adds here.
 """
 
 from __future__ import annotations
@@ -77,17 +80,49 @@ class TokenizedMeta:
 
 def load_tokenized(directory: str | Path) -> tuple[Splits, TokenizedMeta]:
     """The tokenize stage's output: {split: (token id lists, label ids or None)} and its metadata."""
-    import datasets
-
     directory = require_dir(directory, "tokenized dataset")
     meta = TokenizedMeta.load(directory / TOKENIZED_FILE)
-    dataset = datasets.load_from_disk(str(directory / DATASET_DIR))
-    return {name: (part["input_ids"], _targets(part)) for name, part in dataset.items()}, meta
+    return {name: (columns["input_ids"], _targets(columns))
+            for name, columns in read_dataset_dict(directory / DATASET_DIR).items()}, meta
 
 
-def _targets(part) -> list[int] | ChatTargets | None:
-    columns = part.column_names
+def read_dataset_dict(directory: Path) -> dict[str, dict[str, list]]:
+    """{split: {column: values}} of a DatasetDict that `save_to_disk` wrote: the Arrow stream
+    files its dataset_dict.json and each split's state.json name, which `datasets.load_from_disk`
+    memory-maps too."""
+    import pyarrow as pa
+
+    splits = _json_key(directory / "dataset_dict.json", "splits")
+    if not isinstance(splits, list) or not splits:
+        raise UserError(f"{directory / 'dataset_dict.json'}: expected a list of splits "
+                        "(rerun the tokenize stage: dvc repro)")
+    columns = {}
+    for split in splits:
+        state_file = directory / split / "state.json"
+        files = _json_key(state_file, "_data_files")
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "filename" in f for f in files):
+            raise UserError(f"{state_file}: expected _data_files, a list of {{filename: ...}} "
+                            "(rerun the tokenize stage: dvc repro)")
+        tables = []
+        for f in files:
+            path = directory / split / f["filename"]
+            try:
+                with pa.memory_map(str(path)) as source:
+                    tables.append(pa.ipc.open_stream(source).read_all())
+            except (OSError, pa.ArrowInvalid) as e:
+                raise UserError(f"{path}: expected an Arrow stream file written by the tokenize "
+                                f"stage ({e}; rerun it: dvc repro)") from None
+        table = pa.concat_tables(tables)
+        columns[split] = {name: table.column(name).to_pylist() for name in table.column_names}
+    return columns
+
+
+def _json_key(path: Path, key: str) -> object:
+    raw = read_json(path)
+    return raw.get(key) if isinstance(raw, dict) else None
+
+
+def _targets(columns: dict[str, list]) -> list[int] | ChatTargets | None:
     if "labels" in columns:  # sft
-        return ChatTargets(part["labels"], part["position_ids"] if "position_ids" in columns else None,
-                           part["conversation"] if "conversation" in columns else None)
-    return part["label"] if "label" in columns else None
+        return ChatTargets(columns["labels"], columns.get("position_ids"), columns.get("conversation"))
+    return columns.get("label")
