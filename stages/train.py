@@ -39,14 +39,13 @@ from stages.lib.devices import select_device
 from stages.lib.distributed import WORKER_ENV, Nodes, Processes, launch
 from stages.lib.io import TIMING_FILE, atomic_dir, read_json, require_dir, run_main, write_json
 from stages.lib.loop import NullLive, TrainingLoop
-from stages.lib.offload import enable_offloaded_checkpointing
-from stages.lib.params import OFFLOAD, Lora, Quant, Train, UserError, load_params
-from stages.lib.quantized import (attach_lora, checkpoint_every, compute_setup, load_base, memory_hint,
-                                  prepare_for_training)
+from stages.lib.params import UserError, load_params
+from stages.lib.quantized import compute_setup, memory_hint
 from stages.lib.sources import SOURCE_FILE, BaseOrigin, load_tokenizer
 from stages.lib.tasks import Objective
 from stages.lib.throughput import describe
 from stages.lib.tokenized import load_tokenized
+from stages.lib.training_model import build_model
 from stages.lib.varlen_attention import packed_attention
 
 PARAMS = ("task.type", "task.metric", "task.mlm_probability",
@@ -74,54 +73,17 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def check_batch_shares(cfg: Train, params_file: str) -> None:
-    """Each process takes an equal share of every batch, run in equal micro-batches."""
-    if cfg.batch_size % cfg.processes:
-        raise UserError(f"{params_file}: train.batch_size {cfg.batch_size} is not a multiple of "
-                        f"train.processes {cfg.processes} (each process takes an equal share "
-                        "of every batch)")
-    share = cfg.batch_size // cfg.processes
-    if share % cfg.gradient_accumulation_steps:
-        raise UserError(f"{params_file}: each process's share of a batch, train.batch_size / "
-                        f"train.processes = {share}, is not a multiple of "
-                        f"train.gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
-                        "(it runs in that many equal micro-batches)")
-
-
-def build_model(base_dir: Path, labels: list[str], quant: Quant, lora: Lora, cfg: Train, task: str,
-                device: torch.device, dtype: torch.dtype, prepare=None, attn_implementation: str = "sdpa"):
-    """The base, quantized and prepared for training (`prepare`: the task's own setup of the
-    loaded base, Objective.prepare), with LoRA attached."""
-    model = load_base(base_dir, labels, quant, lora.modules_to_save, device, dtype,
-                      attn_implementation=attn_implementation, task=task)
-    if prepare is not None:
-        prepare(model)
-    model = prepare_for_training(model, cfg.gradient_checkpointing, quant.cache_dequantized, cfg.base_dropout)
-    if cfg.gradient_checkpointing == OFFLOAD:
-        try:
-            enable_offloaded_checkpointing(model)
-        except ValueError:
-            raise UserError(f"train.gradient_checkpointing: {OFFLOAD} needs transformers' checkpointing "
-                            f"layers, which {type(model).__name__} lacks (use true)") from None
-    if cfg.gradient_checkpointing and cfg.checkpoint_every_n_layers > 1:
-        kept = checkpoint_every(model, cfg.checkpoint_every_n_layers)
-        log.info("train.checkpoint_every_n_layers %d: %d decoder layers checkpointed, the others keep "
-                 "their activations", cfg.checkpoint_every_n_layers, kept)
-    return attach_lora(model, lora, task)
-
-
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.perf_counter()  # warm-up counts from here: loading the base, compiling, first steps
     p = load_params(args.params, PARAMS)
     task, quant, lora, cfg = p.typed("task"), p.typed("quant"), p.typed("lora"), p.typed("train")
-    check_batch_shares(cfg, args.params)
+    nodes = Nodes.from_env()  # PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT: docs/multi-node.md
+    nodes.check_split(args.params, cfg.batch_size, cfg.processes, cfg.gradient_accumulation_steps)
     base_dir = require_dir(args.base, "base model")
     data, tokenized = load_tokenized(Path(args.data))
     if tokenized.task != task.type:
         raise UserError(f"{args.data}: tokenized for task {tokenized.task}, but task.type is {task.type} "
                         "(run the pipeline with dvc repro)")
-    nodes = Nodes.from_env()  # PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT: docs/multi-node.md
-    nodes.check_split(args.params, cfg.batch_size, cfg.processes, cfg.gradient_accumulation_steps)
     if WORKER_ENV not in os.environ:  # before CUDA starts; the workers inherit CUDA_VISIBLE_DEVICES
         select_device("train.device", cfg.device, cfg.processes)
     if cfg.processes * nodes.count > 1 and WORKER_ENV not in os.environ:

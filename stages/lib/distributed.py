@@ -76,18 +76,20 @@ class Nodes:
     def check_split(self, params_file: str, batch_size: int, processes: int, accumulation: int) -> None:
         """Every worker of every node takes an equal share of each batch (train.batch_size is
         the global batch), and runs it in `accumulation` equal micro-batches."""
-        if self.count == 1:
-            return  # train checks one host's split itself, in its own words
         workers = processes * self.count
+        if self.count == 1:
+            named, divisor = f"train.processes {processes}", "train.processes"
+        else:
+            named = f"train.processes {processes} x {self.count} nodes ({NODES_ENV}) = {workers}"
+            divisor = f"(train.processes x {NODES_ENV})"
         if batch_size % workers:
-            raise UserError(f"{params_file}: train.batch_size {batch_size} is not a multiple of "
-                            f"train.processes {processes} x {self.count} nodes ({NODES_ENV}) = "
-                            f"{workers} (each process takes an equal share of every batch)")
+            raise UserError(f"{params_file}: train.batch_size {batch_size} is not a multiple of {named} "
+                            "(each process takes an equal share of every batch)")
         if (batch_size // workers) % accumulation:
-            raise UserError(f"{params_file}: each process's share of a batch, train.batch_size / "
-                            f"(train.processes x {NODES_ENV}) = {batch_size // workers}, is not a "
-                            f"multiple of train.gradient_accumulation_steps {accumulation} (it runs "
-                            "in that many equal micro-batches)")
+            raise UserError(f"{params_file}: each process's share of a batch, train.batch_size / {divisor} "
+                            f"= {batch_size // workers}, is not a multiple of "
+                            f"train.gradient_accumulation_steps {accumulation} (it runs in that many "
+                            "equal micro-batches)")
 
 
 def _whole_number(env: Mapping[str, str], name: str, default: str, expected: str) -> int:
