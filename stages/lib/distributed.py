@@ -192,8 +192,8 @@ class Processes:
         group. A worker that exits with the group still open can abort on its way out (gloo's
         threads call std::terminate), and the launcher then counts it failed and the other nodes
         wait at torch's exit barrier for one that never comes."""
+        self.wait()
         if self.count > 1:
-            self.accelerator.wait_for_everyone()
             self.accelerator.end_training()
 
     def share(self, checkpoint: Checkpoint) -> Checkpoint | SharedCheckpoint:
